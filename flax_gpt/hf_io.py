@@ -1,0 +1,255 @@
+"""The one name map between our Flax GPT-2 and Hugging Face's GPT2LMHeadModel.
+
+Import reads safetensors only (never pickle); export writes an HF folder that
+`transformers.GPT2LMHeadModel.from_pretrained` and `pipeline("text-generation")` load as-is.
+torch is imported lazily, only by `verify_export`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flax_gpt.config import MODEL_PRESETS, ModelConfig
+
+
+class HFError(ValueError):
+    """A user-facing import/export problem (bad folder, not GPT-2, shape mismatch, ...)."""
+
+
+# Ours -> HF, per block and at the top. LayerNorm "scale" is HF's "weight", a Conv1D "kernel" is
+# HF's "weight" with the same (in, out) layout, so no transposes are needed anywhere.
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+# HF buffers that are not parameters (causal-mask constants in older checkpoints).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_UNSUPPORTED = {  # HF GPT2Config options this implementation does not reproduce
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "scale_attn_weights": True,
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def to_hf_name(path: str) -> str:
+    """'h_3.attn.c_attn.kernel' -> 'transformer.h.3.attn.c_attn.weight'."""
+    *mods, leaf = path.split(".")
+    if mods[0].startswith("h_"):
+        mods = ["h", mods[0][2:], *mods[1:]]
+    return "transformer." + ".".join([*mods, _LEAF[leaf]])
+
+
+def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our (unboxed) params -> HF state dict of numpy arrays; vocab padding is stripped."""
+    out = {}
+    for path, value in _flatten(params).items():
+        arr = np.asarray(value)
+        if path == "wte.embedding":
+            arr = arr[: cfg.vocab_size]
+        out[to_hf_name(path)] = arr
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, np.ndarray], cfg: ModelConfig, template: dict) -> dict:
+    """HF state dict -> our params tree, shaped like `template` (a params tree or its shapes)."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    head = sd.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, sd.get("wte.weight")):
+        raise HFError("the checkpoint's lm_head is not tied to wte; only tied GPT-2 heads are supported")
+    flat_template = _flatten(template)
+    params_flat = {}
+    for path, tmpl in flat_template.items():
+        name = to_hf_name(path).removeprefix("transformer.")
+        if name not in sd:
+            raise HFError(f"weight '{name}' is missing from the checkpoint; is it a GPT-2 model of this shape?")
+        arr = np.asarray(sd.pop(name), dtype=np.float32)
+        want = tuple(tmpl.shape)
+        if path == "wte.embedding" and arr.shape[0] < want[0]:
+            # Padded vocab rows are zeros: never a real input id, and their logits are masked.
+            arr = np.concatenate([arr, np.zeros((want[0] - arr.shape[0], arr.shape[1]), np.float32)])
+        if arr.shape != want:
+            raise HFError(f"weight '{name}' has shape {arr.shape} but the model expects {want}; "
+                          "the checkpoint and model config disagree")
+        params_flat[path] = arr
+    if sd:
+        raise HFError(f"unexpected weights in the checkpoint: {sorted(sd)[:5]}; is it a GPT-2 model?")
+    params: dict = {}
+    for path, arr in params_flat.items():
+        node = params
+        *mods, leaf = path.split(".")
+        for m in mods:
+            node = node.setdefault(m, {})
+        node[leaf] = arr
+    return params
+
+
+def model_config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
+    """An HF GPT2Config dict (config.json) -> our ModelConfig."""
+    if hf.get("model_type") != "gpt2":
+        raise HFError(f"config.json has model_type={hf.get('model_type')!r}, not 'gpt2'; "
+                      "flax_gpt imports GPT-2-family models only")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFError(f"activation_function={hf['activation_function']!r} is not supported (GPT-2 uses gelu_new)")
+    for key, want in _UNSUPPORTED.items():
+        if hf.get(key, want) != want:
+            raise HFError(f"config option {key}={hf[key]} is not supported by flax_gpt")
+    arch = dict(n_layer=hf["n_layer"], n_embd=hf["n_embd"], n_head=hf["n_head"],
+                vocab_size=hf["vocab_size"], n_positions=hf["n_positions"])
+    preset = next((name for name, p in MODEL_PRESETS.items() if p == arch), "gpt2")
+    fields = dict(
+        preset=preset, **arch, n_inner=hf.get("n_inner") or 0,
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        embd_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
+        resid_pdrop=hf.get("resid_pdrop", 0.1),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def hf_config_dict(cfg: ModelConfig, eos_id: int = 50256) -> dict:
+    """Our ModelConfig -> a GPT2Config dict for config.json."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions,
+        "n_inner": cfg.n_inner or None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02,
+        "embd_pdrop": cfg.embd_pdrop, "attn_pdrop": cfg.attn_pdrop, "resid_pdrop": cfg.resid_pdrop,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def resolve_source(src: str) -> Path:
+    """An HF model folder, or a Hub id downloaded (safetensors and JSON only) to the local cache."""
+    p = Path(src)
+    if p.exists():
+        if not p.is_dir():
+            raise HFError(f"{src} is a file; pass a Hugging Face model folder (config.json + model.safetensors)")
+        return p
+    if src.startswith((".", "/", "~")) or src.count("/") > 1:
+        raise HFError(f"model folder not found: {src}; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"]))
+    except Exception as e:  # noqa: BLE001 - any Hub failure is reported the same way
+        raise HFError(f"could not fetch '{src}' from the Hugging Face Hub ({type(e).__name__}); "
+                      "check the id and network, or pass a local model folder") from None
+
+
+def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """config.json and all safetensors weights of an HF folder (single or sharded)."""
+    from safetensors.numpy import load_file
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise HFError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError:
+        raise HFError(f"{cfg_path} is not valid JSON") from None
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        hint = " (only pickle weights found; convert them to safetensors first)" if any(folder.glob("*.bin")) else ""
+        raise HFError(f"{folder} has no .safetensors weights{hint}")
+    sd: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001
+            raise HFError(f"cannot read {f.name}: {e}; the file is damaged or not safetensors") from None
+    return hf_cfg, sd
+
+
+def load_hf(src: str, template_fn, **model_overrides: Any) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, numpy params) from an HF folder or Hub id.
+
+    `template_fn(cfg)` returns the params shapes for a config (e.g. an abstract init), so the vocab
+    padding and dtype policy of our model apply to the imported weights.
+    """
+    folder = resolve_source(src)
+    hf_cfg, sd = read_hf_folder(folder)
+    cfg = model_config_from_hf(hf_cfg, **model_overrides)
+    return cfg, from_hf_state_dict(sd, cfg, template_fn(cfg))
+
+
+def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: str = "gpt2",
+              dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write an HF GPT2LMHeadModel folder. Written to a temporary sibling and moved into place,
+    so a failure never leaves a half export and never touches an existing folder's files."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HFError(f"export folder {out} is not empty; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sd = to_hf_state_dict(params, cfg)
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        from flax_gpt.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+        hf_cfg = hf_config_dict(cfg, tok.eos_id)
+        hf_cfg["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
+               "do_sample": True, "max_length": cfg.n_positions}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        tok.save_hf(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch, length)).astype(np.int32)
+
+
+def torch_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits of the exported folder loaded by transformers (float32, CPU)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
+
+
+def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: float) -> float:
+    """Reload the export with transformers and compare logits with ours on a probe batch.
+
+    Returns the max abs difference; raises HFError when it exceeds `atol`.
+    """
+    tokens = probe_tokens(cfg.vocab_size, length=min(16, cfg.n_positions))
+    ours = np.asarray(jax_logits_fn(tokens))[..., : cfg.vocab_size]
+    theirs = torch_logits(hf_dir, tokens)
+    diff = float(np.max(np.abs(ours - theirs)))
+    if not diff <= atol:
+        raise HFError(f"export check failed: transformers' logits differ from ours by {diff:.3g} "
+                      f"(allowed {atol:.1g}); the export at {hf_dir} is not faithful")
+    return diff

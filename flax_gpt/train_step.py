@@ -1,0 +1,92 @@
+"""TrainState, the loss, and the pure train/eval steps (functions of pytrees; no I/O, no logging)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax_gpt.model import GPT2
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # typed PRNG key; dropout keys are fold_in(rng, step), so resume needs only the step
+
+
+def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, dropout_rng=None):
+    """(sum of next-token NLL over target positions, number of target positions), both float32.
+
+    Sums rather than means so micro-batches and eval batches combine exactly by token count.
+    """
+    deterministic = dropout_rng is None
+    logits = model.apply(
+        {"params": params}, batch["inputs"],
+        batch["positions"] if document_mask else None,
+        batch["segment_ids"] if document_mask else None,
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": dropout_rng},
+    )  # (B,T,V) float32: the softmax and loss are always computed in float32
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.GradientTransformation,
+               schedule, grad_accum: int, document_mask: bool) -> tuple[TrainState, dict]:
+    """One optimizer update on a global batch split into `grad_accum` micro-batches.
+
+    The gradient is of the mean NLL over all target tokens of the global batch, so 4 x B/4 equals
+    one step of B. A non-finite loss or gradient leaves the state unchanged (the host then stops
+    with an error naming the step), so nothing non-finite can ever be checkpointed.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    dropout = model.cfg.embd_pdrop > 0 or model.cfg.attn_pdrop > 0 or model.cfg.resid_pdrop > 0
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def micro(i, mb):
+        key = jax.random.fold_in(rng, i) if dropout else None
+        (loss_sum, count), grads = grad_fn(state.params, model, mb, document_mask=document_mask, dropout_rng=key)
+        return loss_sum, count, grads
+
+    if grad_accum == 1:
+        loss_sum, count, grads = micro(0, batch)
+    else:
+        # (B, T) -> (A, B/A, T): micro-batch a takes rows a*B/A ... of the global batch.
+        mbs = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+        def body(carry, xs):
+            i, mb = xs
+            l, c, g = micro(i, mb)
+            return (carry[0] + l, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
+
+        (loss_sum, count, grads), _ = jax.lax.scan(
+            body, (jnp.float32(0), jnp.float32(0), zeros), (jnp.arange(grad_accum), mbs))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + finite.astype(state.step.dtype),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count,
+               "finite": finite}
+    return new_state, metrics
+
+
+def eval_step(params, batch: dict, *, model: GPT2, document_mask: bool) -> dict:
+    loss_sum, count = loss_sums(params, model, batch, document_mask=document_mask)
+    return {"loss_sum": loss_sum, "tokens": count}
