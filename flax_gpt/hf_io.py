@@ -186,15 +186,21 @@ def load_hf(src: str, template_fn, **model_overrides: Any) -> tuple[ModelConfig,
     return cfg, from_hf_state_dict(sd, cfg, template_fn(cfg))
 
 
+def check_export_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HFError(f"export folder {out} is not empty; pass --overwrite or choose another --out")
+
+
 def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: str = "gpt2",
-              dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Write an HF GPT2LMHeadModel folder. Written to a temporary sibling and moved into place,
-    so a failure never leaves a half export and never touches an existing folder's files."""
+              dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
+              check=None) -> Path:
+    """Write an HF GPT2LMHeadModel folder. Written to a temporary sibling, checked there by
+    `check(folder)` when given, then moved into place: a failed write or check never leaves a half
+    export and never touches an existing folder's files."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise HFError(f"export folder {out} is not empty; pass --overwrite or choose another --out")
+    check_export_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -217,6 +223,8 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer:
         tok.save_hf(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if check is not None:
+            check(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
