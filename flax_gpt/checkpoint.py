@@ -92,9 +92,26 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_params, abstract_opt_state, abstract_rng)
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
-                say(f"warning: checkpoint {step} is unreadable ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); falling back to the previous one")
+                aside = self._set_aside(step)
+                say(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); moved to {aside} and "
+                    "falling back to the previous one")
         return None
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a damaged step out of the way (kept for inspection, never deleted), so training can
+        write that step again."""
+        dest = self.directory.parent / "damaged_checkpoints" / str(step)
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                dest = dest.with_name(f"{step}.{len(list(dest.parent.iterdir()))}")
+            (self.directory / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"flax_gpt.set_aside.{step}")
+        self.manager.reload()
+        return dest
 
     def close(self) -> None:
         self.manager.wait_until_finished()

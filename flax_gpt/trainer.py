@@ -73,22 +73,20 @@ class Trainer:
     def _abstract(self, tree, shardings):
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
-    def init_state(self, params=None) -> TrainState:
-        """A fresh state, created already sharded (never materialised whole on one device)."""
+    def init_state(self, params=None, step: int = 0) -> TrainState:
+        """A fresh state created by one jitted function with out_shardings: already sharded, never
+        materialised whole on one device, and valid multi-host (no host-to-global device_put)."""
         cfg = self.cfg
-        key = jax.random.key(cfg.train.seed)
-        init_key, state_key = jax.random.split(key)
-        if params is None:
-            @functools.partial(jax.jit, out_shardings=self.param_sh)
-            def init_p(k):
-                return nn.unbox(init_params(cfg.model, k))
 
-            params = init_p(init_key)
-        opt_state = jax.jit(self.tx.init, in_shardings=(self.param_sh,),
-                            out_shardings=self.state_sh.opt_state)(params)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sh.step)
-        rng = jax.device_put(state_key, self.state_sh.rng)
-        return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+        def build(p):
+            init_key, state_key = jax.random.split(jax.random.key(cfg.train.seed))
+            if p is None:
+                p = nn.unbox(init_params(cfg.model, init_key))
+            return TrainState(step=jnp.asarray(step, jnp.int32), params=p, opt_state=self.tx.init(p), rng=state_key)
+
+        if params is None:
+            return jax.jit(lambda: build(None), out_shardings=self.state_sh)()
+        return jax.jit(build, in_shardings=(self.param_sh,), out_shardings=self.state_sh)(params)
 
     def load_or_init(self, ckpt: Checkpointer) -> TrainState:
         """Resume from the newest readable checkpoint, else start from model.init_from, else init."""
@@ -101,11 +99,11 @@ class Trainer:
             step = restored["meta"]["step"]
             if "opt_state" not in restored:  # an imported checkpoint: weights only
                 self.say(f"starting from the weights of checkpoint {step} (no optimizer state in it)")
-                state = self.init_state(restored["params"])
-                return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_sh.step))
+                return self.init_state(restored["params"], step=step)
             self.say(f"resuming from checkpoint {step}")
-            return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.state_sh.step),
-                              params=restored["params"], opt_state=restored["opt_state"], rng=restored["rng"])
+            step_arr = jax.jit(lambda: jnp.asarray(step, jnp.int32), out_shardings=self.state_sh.step)()
+            return TrainState(step=step_arr, params=restored["params"], opt_state=restored["opt_state"],
+                              rng=restored["rng"])
         if cfg.model.init_from:
             return self.init_state(self._params_from(cfg.model.init_from))
         return self.init_state()
@@ -118,7 +116,7 @@ class Trainer:
             src_cfg, params, step, _ = load_params(source, mesh=self.mesh)
             check_same_architecture(self.cfg.model, src_cfg.model, source)
             self.say(f"initialised from {source} (step {step})")
-            return jax.device_put(params, self.param_sh)
+            return params  # restored onto this mesh with the same rules: already placed
         hf_cfg, params = load_hf(source, lambda c: self.abstract_params,
                                  dtype=self.cfg.model.dtype, pad_vocab_to=self.cfg.model.pad_vocab_to)
         check_same_architecture(self.cfg.model, hf_cfg, source)

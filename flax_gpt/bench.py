@@ -1,0 +1,129 @@
+"""`flax-gpt bench`: training throughput of the jitted step and of the whole loop, with MFU, against
+transformers' PyTorch GPT-2 on the same shapes and machine.
+
+Timing: compilation is measured on its own (lower + compile). Steady state is `steps` steps after
+`warmup`, dispatched back to back and synchronised once at the end with `block_until_ready`, so
+the figure is device time per step, not host dispatch time. Batches are real shards (synthetic or
+configured corpus) placed on the device before timing, so the data path is not in the bare figure;
+the loop figure (`Trainer.fit` on the same shapes, data loading, metrics and checkpoint included)
+shows what it costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from flax_gpt import flops
+from flax_gpt.config import Config
+
+
+def _device_memory_peak() -> int | None:
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def measure_step(cfg: Config, *, steps: int, warmup: int) -> dict:
+    """Compile time and steady-state step time of the bare jitted train step."""
+    from flax_gpt.data import TrainLoader
+    from flax_gpt.pipeline import ensure_shards, open_splits
+    from flax_gpt.trainer import Trainer
+
+    ensure_shards(cfg)
+    train_rows, _ = open_splits(cfg)
+    trainer = Trainer(cfg, say=lambda *_: None)
+    state = trainer.init_state()
+    loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                         document_mask=cfg.data.document_mask, packing=cfg.data.packing, sharding=trainer.batch_sh)
+    batches = [loader.global_batch(i) for i in range(min(4, warmup + steps))]
+    t0 = time.perf_counter()
+    compiled = trainer.step_fn.lower(state, batches[0]).compile()
+    compile_time = time.perf_counter() - t0
+    for i in range(warmup):
+        state, m = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, m))
+    step_time = (time.perf_counter() - t0) / steps
+    return {"compile_time_s": compile_time, "step_time_s": step_time, "loss": float(m["loss"])}
+
+
+def measure_loop(cfg: Config, *, steps: int) -> dict:
+    """Tokens/s of the full training loop (Trainer.fit) on the same shapes, in a scratch run dir."""
+    from flax_gpt.pipeline import open_splits
+    from flax_gpt.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop_cfg = cfg.replace(train={"run_dir": tmp, "progress": False, "eval_every": 0},
+                               checkpoint={"every": 0})
+        train_rows, val_rows = open_splits(loop_cfg)
+        out = Trainer(loop_cfg, say=lambda *_: None).fit(train_rows, val_rows, steps)
+    return {"tokens_per_sec": out.get("tokens_per_sec"), "step_time_s": out.get("step_time_s")}
+
+
+def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = "eager",
+              loop: bool = True, out: str | None = None) -> dict:
+    n_dev = jax.device_count()
+    kind = jax.devices()[0].device_kind
+    seq, batch = cfg.data.seq_len, cfg.train.batch_size
+    step = measure_step(cfg, steps=steps, warmup=warmup)
+    tokens_per_sec = batch * seq / step["step_time_s"]
+    fpt = flops.flops_per_token(cfg.model, seq)
+    result = {
+        "device_kind": kind, "num_devices": n_dev, "platform": jax.devices()[0].platform,
+        "host": {"machine": platform.machine(), "processor": platform.processor() or None,
+                 "python": platform.python_version()},
+        "jax_version": jax.__version__,
+        "config": {"preset": cfg.model.preset, "n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd,
+                   "vocab": cfg.model.padded_vocab, "dtype": cfg.model.dtype, "seq_len": seq,
+                   "batch_size": batch, "grad_accum": cfg.train.grad_accum, "remat": cfg.model.remat,
+                   "attention": cfg.model.attention, "mesh": dataclasses.asdict(cfg.mesh)},
+        "steps": steps, "warmup": warmup,
+        "compile_time_s": step["compile_time_s"],
+        "step_time_s": step["step_time_s"],
+        "tokens_per_sec": tokens_per_sec,
+        "tokens_per_sec_per_device": tokens_per_sec / n_dev,
+        "flops_per_token": fpt,
+        "mfu": flops.mfu(tokens_per_sec / n_dev, fpt, kind),
+        "peak_memory_bytes": _device_memory_peak(),
+    }
+    if loop:
+        lp = measure_loop(cfg, steps=max(steps + warmup + 2, 8))
+        result["loop"] = {**lp, "ratio_to_bare_step": (lp["tokens_per_sec"] or 0) / tokens_per_sec}
+    result["baseline"] = _baseline(cfg, baseline, steps=steps, warmup=warmup, ours=tokens_per_sec)
+    path = Path(out) if out else Path("benchmarks/results") / (
+        f"train_{cfg.model.preset}_seq{seq}_b{batch}_{kind.replace(' ', '_').lower()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    result["written_to"] = str(path)
+    return result
+
+
+def _baseline(cfg: Config, mode: str, *, steps: int, warmup: int, ours: float) -> dict | None:
+    """transformers GPT2LMHeadModel + torch AdamW on the same shapes: eager and/or torch.compile."""
+    if mode == "none":
+        return None
+    from flax_gpt.torch_baseline import measure_torch_baseline
+
+    runs = {}
+    for name in (("eager", "compile") if mode == "both" else (mode,)):
+        runs[name] = measure_torch_baseline(
+            cfg.model, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size, steps=steps,
+            warmup=warmup, compile=name == "compile", dtype=cfg.model.dtype, clip_norm=cfg.optim.clip_norm)
+    best = max((r for r in runs.values() if r.get("tokens_per_sec")), key=lambda r: r["tokens_per_sec"], default=None)
+    head = runs.get("eager") or best or {}
+    tps = head.get("tokens_per_sec")
+    return {"tokens_per_sec": tps, "ratio": (ours / tps) if tps else None, "runs": runs,
+            "best_tokens_per_sec": best and best["tokens_per_sec"],
+            "ratio_to_best": (ours / best["tokens_per_sec"]) if best else None}
