@@ -1,0 +1,220 @@
+"""Training metrics: JSONL + TensorBoard writers, a progress bar, and throughput accounting.
+
+On-disk layout (**contract**, read by the report and the tests):
+- `RUN_DIR/metrics.jsonl`: one JSON object per line, each with an integer `step`; train lines
+  carry e.g. `loss`, `lr`, `tokens_per_sec`; eval lines carry `val_loss`. Appended to, so a
+  resumed run continues the same file (a step may then appear twice; the later line wins).
+- `RUN_DIR/tb/`: TensorBoard event files, one scalar per numeric key at `step`, tagged
+  `train/<key>`, or `eval/<key>` for lines that contain `val_loss`.
+
+Only process 0 writes (`enabled=jax.process_index() == 0`); elsewhere every call is a no-op.
+This module never imports jax: device arrays are converted with `.item()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from flax_gpt import flops
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A JSON-ready python value: numpy/jax scalars become int/float/bool."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(key, v) for v in value]
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:  # numpy / jax scalar or 1-array
+        return _plain(key, value.item())
+    raise TypeError(f"metric {key!r} has a value of type {type(value).__name__} that is not a scalar")
+
+
+class MetricsWriter:
+    """Appends metric records to `RUN_DIR/metrics.jsonl` and TensorBoard scalars to `RUN_DIR/tb`.
+
+    `purge_step`: when resuming from a checkpoint at that step, TensorBoard hides the events the
+    previous run wrote at or after it, so the curves don't fold back on themselves.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / METRICS_FILE
+        self._file = self.path.open("a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # heavy import (protobuf), only on the writing host
+
+        self._tb = SummaryWriter(logdir=str(run_dir / TB_DIR), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record (must contain `step`); values may be numpy or jax scalars."""
+        if not self.enabled:
+            return
+        if "step" not in record:
+            raise ValueError(f"metrics record has no 'step' (keys: {sorted(record)})")
+        line = {k: _plain(k, v) for k, v in record.items()}
+        step = int(line["step"])
+        line["step"] = step
+        # NaN/inf are written as Python's json writes them (NaN, Infinity): a diverged loss stays
+        # visible, and read_metrics reads it back.
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+        prefix = "eval" if "val_loss" in line else "train"
+        for key, value in line.items():
+            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self._tb.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of `RUN_DIR/metrics.jsonl` in file order ([] when there is no file).
+
+    A final line cut short by a crash mid-write is skipped; a damaged line elsewhere is an error.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        try:
+            records.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON; remove or repair it") from None
+    return records
+
+
+class ProgressBar:
+    """tqdm bar over training steps showing loss, tokens/s and the ETA.
+
+    On a terminal it refreshes ~10x a second; in a pipe or log file it stays visible but redraws
+    at most every `pipe_interval_s` seconds so logs don't fill with carriage-return updates.
+    `disable=True` (e.g. `train.progress=false`, or not process 0) turns it off.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int = 0,
+        *,
+        disable: bool = False,
+        file: Any = None,
+        pipe_interval_s: float = 30.0,
+    ):
+        from tqdm import tqdm
+
+        file = file if file is not None else sys.stderr
+        is_tty = bool(getattr(file, "isatty", lambda: False)())
+        self._bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            unit="step",
+            file=file,
+            disable=disable,
+            dynamic_ncols=is_tty,
+            mininterval=0.1 if is_tty else pipe_interval_s,
+            smoothing=0.1,
+        )
+
+    def update(self, step: int, *, loss: float | None = None, tokens_per_sec: float | None = None) -> None:
+        """Move the bar to `step` (absolute, not a delta) and show the latest metrics."""
+        postfix = {}
+        if loss is not None:
+            postfix["loss"] = f"{float(loss):.4f}"
+        if tokens_per_sec is not None:
+            postfix["tok/s"] = f"{float(tokens_per_sec):,.0f}"
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def write(self, text: str) -> None:
+        """Print a line without breaking the bar (eval results, samples)."""
+        self._bar.write(text)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Throughput:
+    """Throughput and MFU from per-step wall times over a sliding window of recent steps.
+
+    `tokens_per_step` is global (batch_size * seq_len over all devices); `n_devices` is the total
+    device count, so per-device figures are what MFU compares with one device's peak. Leave the
+    first step (compilation) out of `update`.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens_per_step: int,
+        n_devices: int,
+        flops_per_token: float,
+        device_kind: str,
+        window: int = 20,
+    ):
+        if tokens_per_step <= 0 or n_devices <= 0:
+            raise ValueError("tokens_per_step and n_devices must be positive")
+        self.tokens_per_step = tokens_per_step
+        self.n_devices = n_devices
+        self.flops_per_token = flops_per_token
+        self.device_kind = device_kind
+        self._times: collections.deque[float] = collections.deque(maxlen=window)
+
+    def update(self, step_time_s: float) -> None:
+        self._times.append(float(step_time_s))
+
+    def summary(self, step_times: Iterable[float] | None = None) -> dict[str, float | None]:
+        """{step_time_s, tokens_per_sec, tokens_per_sec_per_device, model_flops_per_sec_per_device,
+        mfu} over `step_times` (default: the window); {} when there are no times yet.
+
+        Rates are total tokens over total time (not a mean of per-step rates), so one slow step
+        weighs as much as the time it took. `mfu` is None on devices without a known peak.
+        """
+        times = list(self._times if step_times is None else step_times)
+        total = math.fsum(times)
+        if not times or total <= 0:
+            return {}
+        tps = self.tokens_per_step * len(times) / total
+        per_device = tps / self.n_devices
+        return {
+            "step_time_s": total / len(times),
+            "tokens_per_sec": tps,
+            "tokens_per_sec_per_device": per_device,
+            "model_flops_per_sec_per_device": per_device * self.flops_per_token,
+            "mfu": flops.mfu(per_device, self.flops_per_token, self.device_kind),
+        }
