@@ -73,6 +73,7 @@ def test_exact_resume_is_bitwise(shards, tmp_path):
     assert a[20] < a[1]  # and it learns
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_continues_exactly(shards, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = [f"data.shards_dir={shards}", "train.steps=30"]
@@ -106,6 +107,7 @@ def test_grad_accumulation_equals_one_big_batch(shards, tmp_path):
     np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_meshes_on_8_devices_match_one_device(shards, tmp_path):
     common = [f"data.shards_dir={shards}", "train.steps=3", "model.pad_vocab_to=128", "model.embd_pdrop=0",
               "model.attn_pdrop=0", "model.resid_pdrop=0"]
@@ -161,6 +163,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(shards, tmp_path):
     common = [f"data.shards_dir={shards}", "train.steps=4", "model.embd_pdrop=0", "model.attn_pdrop=0",
               "model.resid_pdrop=0", "checkpoint.every=2"]
