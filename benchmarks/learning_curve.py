@@ -33,7 +33,7 @@ def main() -> None:
         sys.exit(f"no corpus files in {args.corpus}")
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [
-            f"data.source={json.dumps(files)}", "data.template={title}\\n{abstract}", "data.seq_len=64",
+            f"data.source={json.dumps(files)}", 'data.template="{title}\\n{abstract}"', "data.seq_len=64",
             "data.val_fraction=0.02", f"data.shards_dir={tmp}/shards", f"train.run_dir={tmp}/run",
             "model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.n_positions=128",
             "train.batch_size=16", f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",

@@ -273,7 +273,11 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} is not section.key=value (e.g. train.steps=20)")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw != "" else ""
+    try:  # YAML scalars: numbers, true/false, lists, quoted strings ("{title}\n{abstract}")
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw  # anything else is taken as the plain string it is
+    return section, key, value
 
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -111,3 +111,12 @@ def test_unknown_config_key_names_the_closest(tmp_path):
     r = _cli("prepare", "configs/tiny.yaml", "train.stpes=5")
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown config key 'train.stpes'; did you mean 'train.steps'?"
+
+
+def test_overrides_take_yaml_values_and_plain_strings():
+    from flax_gpt.config import build_config
+
+    cfg = build_config({}, ['data.template="{title}\\n{abstract}"', "data.text_column={weird", "train.steps=7",
+                            'data.source=["a.csv", "b.csv"]'])
+    assert cfg.data.template == "{title}\n{abstract}" and cfg.data.text_column == "{weird"
+    assert cfg.train.steps == 7 and cfg.data.source == ["a.csv", "b.csv"]
