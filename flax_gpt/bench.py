@@ -68,7 +68,7 @@ def measure_loop(cfg: Config, *, steps: int) -> dict:
         loop_cfg = cfg.replace(train={"run_dir": tmp, "progress": False, "eval_every": 0},
                                checkpoint={"every": 0})
         train_rows, val_rows = open_splits(loop_cfg)
-        out = Trainer(loop_cfg, say=lambda *_: None).fit(train_rows, val_rows, steps)
+        out = Trainer(loop_cfg, say=lambda *_: None).fit(train_rows, val_rows, steps, final_eval=False)
     return {"tokens_per_sec": out.get("tokens_per_sec"), "step_time_s": out.get("step_time_s")}
 
 

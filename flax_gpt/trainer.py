@@ -140,7 +140,7 @@ class Trainer:
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0)), "tokens": int(tokens)}
 
     # ---- the loop ----------------------------------------------------------------------------
-    def fit(self, train_rows, val_rows, total_steps: int) -> dict:
+    def fit(self, train_rows, val_rows, total_steps: int, *, final_eval: bool = True) -> dict:
         cfg = self.cfg
         from flax_gpt.data import TrainLoader
 
@@ -225,17 +225,17 @@ class Trainer:
                         return {"step": done, "preempted": True}
                 flush()
             done = int(jax.device_get(state.step))
-            if last_eval is None or last_eval["step"] != done:
+            if final_eval and (last_eval is None or last_eval["step"] != done):
                 run_eval(done)
             if last_saved != done:
-                save(done, last_eval["val_loss"])
+                save(done, last_eval["val_loss"] if last_eval and last_eval["step"] == done else None)
             ckpt.wait()
         finally:
             bar.close()
             writer.close()
             ckpt.close()
         summary = thr.summary(step_times[1:] or step_times)
-        return {"step": done, **last_eval, **{k: v for k, v in summary.items() if v is not None}}
+        return {"step": done, **(last_eval or {}), **{k: v for k, v in summary.items() if v is not None}}
 
 
 class _PreemptionFlag:
