@@ -238,8 +238,18 @@ def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, length)).astype(np.int32)
 
 
+def require_torch() -> None:
+    """The export check loads the folder with transformers' PyTorch GPT2LMHeadModel."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise HFError("checking an export loads it with transformers, which needs PyTorch: "
+                      "pip install torch==2.13.0 (the CPU wheel is enough)") from None
+
+
 def torch_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of the exported folder loaded by transformers (float32, CPU)."""
+    require_torch()
     import torch
     from transformers import GPT2LMHeadModel
 

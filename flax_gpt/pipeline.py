@@ -40,6 +40,10 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
     from flax_gpt.run import prepare_run_dir
     from flax_gpt.trainer import Trainer, total_steps
 
+    if cfg.train.export_dir:  # fail now, not after training, if the export cannot be checked
+        from flax_gpt.hf_io import require_torch
+
+        require_torch()
     resuming = prepare_run_dir(cfg)
     ensure_shards(cfg, overwrite=overwrite_data)
     train_rows, val_rows = open_splits(cfg)
