@@ -76,9 +76,7 @@ def lm_head(params, cfg: ModelConfig) -> jax.Array:
     row-major (D,V) matrix is markedly faster than the transposed read (6.7 vs 7.3 ms a step for
     distilgpt2 on an idle 2-core host, 9.5 vs 15 ms on a loaded one). Slicing off the padded rows
     means sampling can never pick a padding id."""
-    from flax_gpt.model import _dtype
-
-    return params["wte"]["embedding"][: cfg.vocab_size].T.astype(_dtype(cfg.dtype))
+    return params["wte"]["embedding"][: cfg.vocab_size].T.astype(jnp.dtype(cfg.dtype))
 
 
 # The transpose reads and writes the whole embedding (~0.1 s for GPT-2 on CPU), so it is made

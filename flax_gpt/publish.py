@@ -230,6 +230,9 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
             reason = reason[:297] + "..."
         what = "could not reach the Hugging Face Hub to push" if _is_connection_error(e) else \
             "the Hugging Face Hub refused the push to"
-        raise HFError(f"{what} {repo_id}: {reason}; the local export at {folder} is kept") from None
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = ("; set HF_TOKEN to a token with write access or run `hf auth login`"
+                if status in (401, 403) else "")
+        raise HFError(f"{what} {repo_id}: {reason}{hint}; the local export at {folder} is kept") from None
     url = str(repo_url).rstrip("/")
     return f"{url}/tree/{revision}" if revision else url

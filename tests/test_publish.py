@@ -54,6 +54,8 @@ def _handler(hub: _Hub, base_url: list[str]):
         def do_POST(self):  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             hub.auth.append(self.headers.get("Authorization", ""))
+            if not self.headers.get("Authorization"):
+                return self._reply(401, {"error": "Invalid credentials in Authorization header"})
             path = self.path.split("?")[0]
             parts = path.strip("/").split("/")
             if path == "/api/repos/create":
@@ -151,6 +153,23 @@ def test_push_to_a_branch_creates_it_and_leaves_main_alone(tmp_path, hub_server)
     assert set(branches["step-100"]) == {"config.json", "model.safetensors", "README.md"}
     assert branches["main"] == {}
     assert hub.repos["alice/tiny-gpt"]["private"] is False
+
+
+def test_push_without_a_token_says_how_to_log_in(tmp_path, hub_server, monkeypatch):
+    hub, endpoint = hub_server
+    folder = _export_folder(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # no stored login either
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(tmp_path / "empty_hf_home" / "token"))
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", str(tmp_path / "empty_hf_home" / "stored_tokens"))
+    with pytest.raises(HFError) as info:
+        push_to_hub(folder, "alice/tiny-gpt", endpoint=endpoint)
+    msg = str(info.value)
+    assert msg.startswith("the Hugging Face Hub refused the push to alice/tiny-gpt") and "401" in msg
+    assert "HF_TOKEN" in msg and "\n" not in msg
+    assert hub.repos == {}
 
 
 def _closed_port() -> int:
