@@ -154,7 +154,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
                 raise DataError(
                     f"{out} already holds shards prepared from different inputs (differs in: "
                     f"{_settings_diff(old.get('settings', {}), settings)}); pass --overwrite to replace "
-                    "them or set another data.shards_dir")
+                    "them (flax-gpt train: --overwrite-data) or set another data.shards_dir")
             try:
                 check_all_shards(out, old, verify=verify)
                 log(f"shards in {out} match the inputs (fingerprint {fingerprint[:12]}); reusing them")
