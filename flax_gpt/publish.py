@@ -8,6 +8,7 @@ export is kept. The access token is never printed, logged, or put in an error me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from flax_gpt.flops import param_count
 from flax_gpt.hf_io import HFError
 
 # The usage snippet cannot know where the folder will live; the user substitutes this.
@@ -25,13 +27,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def _is_hub_id(value: Any) -> bool:
     text = str(value).strip() if isinstance(value, str) else ""
     return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~")) and not Path(text).exists()
-
-
-def count_parameters(cfg) -> int:
-    """Parameters of a tied GPT-2 with cfg's shapes (unpadded vocab, as exported)."""
-    D, F, V, P, L = cfg.n_embd, cfg.d_ff, cfg.vocab_size, cfg.n_positions, cfg.n_layer
-    per_block = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * F + F) + (F * D + D)
-    return V * D + P * D + L * per_block + 2 * D
 
 
 def read_manifest(shards_dir: str | Path, run_dir: str | Path | None = None) -> dict | None:
@@ -110,7 +105,7 @@ def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, licens
         front += [f"base_model: {base_model}"]
     front += ["---", ""]
 
-    n_params = count_parameters(m)
+    n_params = param_count(dataclasses.replace(m, pad_vocab_to=0))  # as exported: vocab padding stripped
     title = f"# GPT-2 ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) trained with flax_gpt"
     lines = [title, ""]
     if step == 0 and source_meta:
@@ -129,7 +124,7 @@ def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, licens
     if hub_dataset:
         lines += [f"- Hub dataset: [{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})"
                   + (f", split `{d.hf_split}`" if d.hf_split else "")]
-    lines += [f"- Text: " + (f"template `{d.template!r}`" if d.template else f"column `{d.text_column}`"),
+    lines += ["- Text: " + (f"template `{d.template!r}`" if d.template else f"column `{d.text_column}`"),
               f"- Tokenizer: `{d.tokenizer}`; sequences of {d.seq_len} tokens ({d.packing}ed), "
               f"{d.val_fraction:.0%} held out for validation"]
     stats = (manifest or {}).get("stats") or {}
