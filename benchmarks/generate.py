@@ -14,7 +14,7 @@ new tokens/s = batch * 128 / wall time of one call (best of --reps; the machine 
 Both sides must produce all 128 tokens (EOS disabled) and the JSON records whether the greedy
 tokens agree. Writes benchmarks/results/generate_<device>.json naming the machine.
 
-usage: python benchmarks/generate.py [--reps 5] [--new-tokens 128] [--batches 1 8]
+usage: python benchmarks/generate.py [--reps 5] [--new-tokens 128] [--batches 1 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -30,6 +30,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _threads_from_argv(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return 0
+
+
+THREADS = _threads_from_argv(sys.argv[1:])
+if THREADS == 1:  # must be set before jax initialises its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -109,12 +124,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="0: every core on both sides (default); 1: one thread each (torch and XLA), "
+                         "a per-core comparison that stays meaningful on a busy host")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>[_threads1].json)")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     machine_at_start = machine()
     model, cfg, params = build()
     # transformers gets min_new_tokens so it never stops early; for JAX the JSON records whether
@@ -158,12 +176,13 @@ def main(argv=None) -> int:
     result = {"benchmark": "generate", "machine": machine_at_start,
               "model": {"shapes": "distilgpt2", "n_layer": 6, "n_embd": 768, "n_head": 12, "vocab": 50257,
                         "weights": "random (torch.manual_seed(0)), identical on both sides", "dtype": "float32"},
-              "decoding": "greedy", "runs": rows,
+              "decoding": "greedy", "threads": args.threads or "all", "runs": rows,
               # Other work on the host slows both sides, torch's OpenMP threads much more than XLA's:
               # trust speedups only from quiet runs (idle before; at the end, about our own threads only).
               "load_average_1m_at_end": load_end,
               "quiet_host": machine_at_start["load_average_1m_at_start"] < 1.0 and load_end < cores + 1}
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"generate_{kind}.json"
+    suffix = f"_threads{args.threads}" if args.threads else ""
+    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"generate_{kind}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {path}")
