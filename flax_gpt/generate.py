@@ -16,8 +16,9 @@ static; temperature, top-p, EOS id and the seed are traced and never recompile. 
 `lax.while_loop` decode loop live in one jitted function, which stops once every row has emitted
 EOS (finished rows keep emitting EOS, which is stripped on the host).
 
-The LM head is read as a pre-transposed (D,V) copy of `wte` (see `lm_head`), made once per
-parameter array and reused across calls; everything else is `GPT2.hidden` itself.
+Decoding reads the weights in the layout a matrix-vector product reads fastest (see
+`decoding_params`), made once per parameter array and reused across calls; the model itself is
+`GPT2.hidden` with `transposed_kernels=True`.
 
 Sharded parameters: nothing here names a mesh. Pass parameters placed on any mesh (e.g. from
 `run.load_params`) and jit derives the computation's shardings from its inputs.
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt.config import ConfigError, ModelConfig
-from flax_gpt.model import GPT2, init_cache
+from flax_gpt.model import GPT2, init_cache, transpose_kernels
 
 GPT2_EOS = 50256
 MIN_PROMPT_BUCKET = 16
@@ -69,45 +70,52 @@ def _last_hidden(module: GPT2, tokens, positions, cache, cache_index, kv_valid):
     return h[:, -1], cache
 
 
-def lm_head(params, cfg: ModelConfig) -> jax.Array:
-    """The tied LM head as a (D, V) matrix in the compute dtype, real vocab rows only.
+def decoding_params(params, cfg: ModelConfig) -> dict:
+    """The parameters laid out for decoding, which at small batch is bound by reading the weights.
 
-    `GPT2.logits` computes h @ wte.T. Decoding at small batch is memory-bound, and on CPU reading a
-    row-major (D,V) matrix is markedly faster than the transposed read (6.7 vs 7.3 ms a step for
-    distilgpt2 on an idle 2-core host, 9.5 vs 15 ms on a loaded one). Slicing off the padded rows
-    means sampling can never pick a padding id."""
-    return params["wte"]["embedding"][: cfg.vocab_size].T.astype(jnp.dtype(cfg.dtype))
-
-
-# The transpose reads and writes the whole embedding (~0.1 s for GPT-2 on CPU), so it is made
-# once per parameter array, not once per call: keyed by the embedding array's identity (held
-# weakly) and the config fields that shape it. Costs one extra copy of the embedding in memory.
-_HEADS: dict[tuple, tuple[weakref.ref, jax.Array]] = {}
-_lm_head_jit = jax.jit(lm_head, static_argnames=("cfg",))
+    On CPU a matrix-vector product reads a weight stored (out, in) faster than (in, out): 1.3x for
+    GPT-2's MLP projection (see `GPT2.transposed_kernels`). So every block kernel is transposed,
+    and the tied head becomes a (D, V) matrix of the real vocab rows only, in the compute dtype
+    (so sampling can never pick a padding id). Same values, another layout: logits are unchanged.
+    """
+    blocks = transpose_kernels({k: v for k, v in params.items() if k != "wte"})
+    head = params["wte"]["embedding"][: cfg.vocab_size].T.astype(jnp.dtype(cfg.dtype))
+    return {**blocks, "wte": params["wte"], "head": head}
 
 
-def cached_lm_head(params, cfg: ModelConfig) -> jax.Array:
+# The transposes read and write every weight (~0.2 s for GPT-2 on CPU), so they are made once per
+# parameter array, not once per call: keyed by the embedding array's identity (held weakly) and
+# the config fields that shape them. Costs one extra copy of the weights in memory.
+_LAYOUTS: dict[tuple, tuple[weakref.ref, dict]] = {}
+_decoding_params_jit = jax.jit(decoding_params, static_argnames=("cfg",))
+
+
+def cached_decoding_params(params, cfg: ModelConfig) -> dict:
     emb = params["wte"]["embedding"]
     key = (id(emb), cfg.vocab_size, cfg.dtype)
-    hit = _HEADS.get(key)
+    hit = _LAYOUTS.get(key)
     if hit is not None and hit[0]() is emb:
         return hit[1]
-    head = _lm_head_jit(params, cfg=cfg)
-    if len(_HEADS) >= 4:
-        _HEADS.clear()
-    _HEADS[key] = (weakref.ref(emb), head)
-    weakref.finalize(emb, _HEADS.pop, key, None)  # the copy goes when the parameters go
-    return head
+    out = _decoding_params_jit(params, cfg=cfg)
+    if len(_LAYOUTS) >= 4:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = (weakref.ref(emb), out)
+    weakref.finalize(emb, _LAYOUTS.pop, key, None)  # the copy goes when the parameters go
+    return out
+
+
+def _model_params(dparams: dict) -> dict:
+    return {k: v for k, v in dparams.items() if k != "head"}
 
 
 def _logits(h: jax.Array, head: jax.Array) -> jax.Array:
     return jnp.dot(h.astype(head.dtype), head).astype(jnp.float32)  # (B,V) float32, as GPT2.logits
 
 
-def prefill(params, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int, head=None):
+def prefill(dparams, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
     """Run left-padded prompts (B,T) through the model into a fresh cache of `cache_len` slots.
 
-    Returns (next-token logits (B,V), cache, kv_valid (B,S)). Only the last query's logits are
+    `dparams` is `decoding_params(params, cfg)`. Returns (next-token logits (B,V), cache, kv_valid (B,S)). Only the last query's logits are
     computed: prefill never materialises (B,T,V).
     """
     B, T = tokens.shape
@@ -115,18 +123,19 @@ def prefill(params, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array,
     kv_valid = jnp.arange(cache_len)[None, :] >= pad[:, None]
     positions = jnp.maximum(jnp.arange(T)[None, :] - pad[:, None], 0)
     cache = init_cache(cfg, B, cache_len)
-    h, cache = GPT2(cfg).apply({"params": params}, tokens, positions, cache, 0, kv_valid, method=_last_hidden)
-    return _logits(h, lm_head(params, cfg) if head is None else head), cache, kv_valid
+    h, cache = GPT2(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, tokens, positions, cache,
+                                                        0, kv_valid, method=_last_hidden)
+    return _logits(h, dparams["head"]), cache, kv_valid
 
 
-def decode_step(params, cfg: ModelConfig, token: jax.Array, positions: jax.Array, cache, cache_index, kv_valid,
-                head=None):
+def decode_step(dparams, cfg: ModelConfig, token: jax.Array, positions: jax.Array, cache, cache_index, kv_valid):
     """One token per row (B,) at `positions` (B,), written to cache slot `cache_index`.
 
     Returns (next-token logits (B,V), updated cache)."""
-    h, cache = GPT2(cfg).apply({"params": params}, token[:, None], positions[:, None], cache, cache_index, kv_valid,
-                               method=_last_hidden)
-    return _logits(h, lm_head(params, cfg) if head is None else head), cache
+    h, cache = GPT2(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, token[:, None],
+                                                        positions[:, None], cache, cache_index, kv_valid,
+                                                        method=_last_hidden)
+    return _logits(h, dparams["head"]), cache
 
 
 # ----------------------------------------------------------------------------- filtering
@@ -178,14 +187,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p, *, top_
 # ----------------------------------------------------------------------------- the sampler
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p"))
-def _generate(params, head, tokens, prompt_lens, done, key, temperature, top_p, eos_id, *, cfg: ModelConfig,
+def _generate(dparams, tokens, prompt_lens, done, key, temperature, top_p, eos_id, *, cfg: ModelConfig,
               max_new_tokens: int, top_k: int, greedy: bool, use_top_p: bool):
     """(B, max_new_tokens) int32 new tokens; rows that finished hold eos_id from then on."""
     B, T = tokens.shape
     pick = functools.partial(sample_logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                              use_top_p=use_top_p)
-    logits, cache, kv_valid = prefill(params, cfg, tokens, prompt_lens, T + max_new_tokens, head)
+    logits, cache, kv_valid = prefill(dparams, cfg, tokens, prompt_lens, T + max_new_tokens)
     key, sub = jax.random.split(key)
     tok = jnp.where(done, eos_id, pick(logits, sub))
     done = done | (tok == eos_id)
@@ -198,7 +206,7 @@ def _generate(params, head, tokens, prompt_lens, done, key, temperature, top_p, 
     def body(carry):
         # Step i feeds token i-1 (sequence position prompt_len+i-1, cache slot T+i-1), samples token i.
         i, cache, tok, done, out, key = carry
-        logits, cache = decode_step(params, cfg, tok, prompt_lens + i - 1, cache, T + i - 1, kv_valid, head)
+        logits, cache = decode_step(dparams, cfg, tok, prompt_lens + i - 1, cache, T + i - 1, kv_valid)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, eos_id, pick(logits, sub))
         done = done | (tok == eos_id)
@@ -207,6 +215,16 @@ def _generate(params, head, tokens, prompt_lens, done, key, temperature, top_p, 
 
     carry = (jnp.int32(1), cache, tok, done, out, key)
     return jax.lax.while_loop(cond, body, carry)[4]
+
+
+@functools.cache
+def compiled_sampler(backend: str):
+    """`_generate` jitted for a backend. On CPU, copy insertion gets region analysis: without it
+    XLA cannot tell that the decode loop updates each cache buffer in place, and copies them all
+    on every step (about 5% of a distilgpt2 step at batch 1)."""
+    options = {"xla_cpu_copy_insertion_use_region_analysis": True} if backend == "cpu" else None
+    return jax.jit(_generate, static_argnames=("cfg", "max_new_tokens", "top_k", "greedy", "use_top_p"),
+                   compiler_options=options)
 
 
 def _check_lengths(cfg: ModelConfig, longest: int, max_new_tokens: int) -> None:
@@ -247,7 +265,7 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
     tokens, lens = left_pad(padded, T, eos_id)
     done = np.arange(B) >= len(prompts)
     params = _to_device(params)
-    out = _generate(params, cached_lm_head(params, cfg), tokens, lens, done, jax.random.key(seed),
+    out = compiled_sampler(jax.default_backend())(cached_decoding_params(params, cfg), tokens, lens, done, jax.random.key(seed),
                     np.float32(temperature or 1.0), np.float32(top_p), np.int32(eos_id), cfg=cfg,
                     max_new_tokens=int(max_new_tokens), top_k=int(top_k) if not greedy else 0, greedy=bool(greedy),
                     use_top_p=bool(top_p < 1.0 and not greedy))

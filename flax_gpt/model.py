@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from flax_gpt.config import ModelConfig
 
-Cache = tuple  # one {"k": (B,S,H,K), "v": (B,S,H,K)} dict per layer
+Cache = tuple  # one {"k": (B,H,K,S), "v": (B,H,S,K)} dict per layer
 
 # Logical axis names (mapped to mesh axes by sharding.RULES).
 VOCAB, EMBED, POS, QKV, MLP, HEADS_OUT, NORM = "vocab", "embed", "pos", "qkv", "mlp", "heads", "norm"
@@ -38,18 +38,27 @@ def _param(module: nn.Module, name: str, init, shape, axes) -> jax.Array:
 
 
 class Conv1D(nn.Module):
-    """HF's Conv1D: y = x @ kernel + bias with kernel stored (in, out)."""
+    """HF's Conv1D: y = x @ kernel + bias with kernel stored (in, out).
+
+    `transposed=True` reads the kernel stored (out, in) instead (see `GPT2.transposed_kernels`)."""
 
     features: int
     axes: tuple[str, str]
     dtype: Any
     std: float = 0.02
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = _param(self, "kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features), self.axes)
+        init = nn.initializers.normal(self.std)
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],))
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        if self.transposed:
+            kernel = _param(self, "kernel", init, (self.features, x.shape[-1]), self.axes[::-1])
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        else:
+            kernel = _param(self, "kernel", init, (x.shape[-1], self.features), self.axes)
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -72,22 +81,38 @@ class LayerNorm(nn.Module):
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    transposed_kernels: bool = False
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None):
-        cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
+        cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
         B, T, D = x.shape
         H = cfg.n_head
         K = D // H
-        qkv = Conv1D(3 * D, (EMBED, QKV), dtype, name="c_attn")(x)  # (B,T,3D) as [q | k | v]
+        qkv = Conv1D(3 * D, (EMBED, QKV), dtype, transposed=tk, name="c_attn")(x)  # (B,T,3D) as [q | k | v]
         q, k, v = (t.reshape(B, T, H, K) for t in jnp.split(qkv, 3, axis=-1))
         new_cache = None
         if layer_cache is not None:
-            # Decode: write this step's keys/values at cache_index, attend over the whole cache.
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}
-        if cfg.attn_pdrop > 0 and not deterministic:
+            # Decode: attend over the cache as it was plus this call's own keys/values, then write
+            # those at cache_index. Keys are kept (B,H,K,S) and values (B,H,S,K), the layouts the
+            # attention dots read as plain matrix products (no per-step copy into another layout).
+            # Reading the old cache rather than the updated one leaves the update a single
+            # in-place write: attending over the updated cache made XLA copy every cache buffer
+            # on every decode step.
+            S = layer_cache["v"].shape[2]
+            k_new = k.transpose(0, 2, 3, 1).astype(layer_cache["k"].dtype)  # (B,H,K,T)
+            v_new = v.transpose(0, 2, 1, 3).astype(layer_cache["v"].dtype)  # (B,H,T,K)
+            mask = jnp.concatenate([mask & (jnp.arange(S) < cache_index),  # filled slots of the old cache
+                                    jax.lax.dynamic_slice_in_dim(mask, cache_index, T, axis=3)], axis=3)
+            scores = jnp.concatenate(
+                [jnp.einsum("bthk,bhks->bhts", q, kk.astype(dtype), preferred_element_type=jnp.float32)
+                 for kk in (layer_cache["k"], k_new)], axis=3)
+            probs = jax.nn.softmax(jnp.where(mask, scores / math.sqrt(K), _NEG), axis=-1).astype(dtype)
+            out = (jnp.einsum("bhts,bhsk->bthk", probs[..., :S], layer_cache["v"].astype(dtype))
+                   + jnp.einsum("bhts,bhsk->bthk", probs[..., S:], v_new.astype(dtype)))
+            new_cache = {"k": jax.lax.dynamic_update_slice(layer_cache["k"], k_new, (0, 0, 0, cache_index)),
+                         "v": jax.lax.dynamic_update_slice(layer_cache["v"], v_new, (0, 0, cache_index, 0))}
+        elif cfg.attn_pdrop > 0 and not deterministic:
             # jax.nn.dot_product_attention has no dropout on the probabilities, so training with
             # GPT-2's attention dropout takes the explicit path (softmax in float32).
             scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(K)
@@ -99,34 +124,38 @@ class Attention(nn.Module):
             impl = "cudnn" if cfg.attention == "cudnn" else "xla"
             out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask, implementation=impl)
         out = out.reshape(B, T, D)
-        out = Conv1D(D, (HEADS_OUT, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(out)
+        out = Conv1D(D, (HEADS_OUT, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), transposed=tk,
+                     name="c_proj")(out)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return out, new_cache
 
 
 class MLPBlock(nn.Module):
     cfg: ModelConfig
+    transposed_kernels: bool = False
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
-        h = Conv1D(cfg.d_ff, (EMBED, MLP), dtype, name="c_fc")(x)
+        cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
+        h = Conv1D(cfg.d_ff, (EMBED, MLP), dtype, transposed=tk, name="c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" is the tanh approximation
-        h = Conv1D(cfg.n_embd, (MLP, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), name="c_proj")(h)
+        h = Conv1D(cfg.n_embd, (MLP, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), transposed=tk,
+                   name="c_proj")(h)
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
     cfg: ModelConfig
+    transposed_kernels: bool = False
 
     @nn.compact
     def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None):
-        cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
-        a, new_cache = Attention(cfg, name="attn")(
+        cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
+        a, new_cache = Attention(cfg, tk, name="attn")(
             LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_1")(x), mask, deterministic, layer_cache, cache_index
         )
         x = x + a
-        x = x + MLPBlock(cfg, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_2")(x), deterministic)
+        x = x + MLPBlock(cfg, tk, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_2")(x), deterministic)
         return x, new_cache
 
 
@@ -155,9 +184,15 @@ def attention_mask(
 
 
 class GPT2(nn.Module):
-    """GPT2LMHeadModel. Returns float logits over the (possibly padded) vocab; padded ids are masked."""
+    """GPT2LMHeadModel. Returns float logits over the (possibly padded) vocab; padded ids are masked.
+
+    `transposed_kernels=True` takes every block kernel stored (out, in) (`transpose_kernels` makes
+    such a tree): a matrix-vector product reads that layout faster on CPU, which is what decoding
+    at small batch is bound by. Training and checkpoints always use the (in, out) layout.
+    """
 
     cfg: ModelConfig
+    transposed_kernels: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -171,7 +206,7 @@ class GPT2(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (POS, EMBED)),
         )
         block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
-        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.h = [block(cfg, self.transposed_kernels, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, dtype)
         self.drop = nn.Dropout(cfg.embd_pdrop)
 
@@ -184,7 +219,7 @@ class GPT2(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(T)[None], (B, T))
         x = self.wte(tokens) + self.wpe(positions)
         x = self.drop(x, deterministic=deterministic)
-        S = None if cache is None else cache[0]["k"].shape[1]
+        S = None if cache is None else cache[0]["v"].shape[2]
         mask = attention_mask(T, segment_ids, kv_valid, cache_index, S)
         new_cache = []
         for i, block in enumerate(self.h):
@@ -211,9 +246,17 @@ class GPT2(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
     """Zeroed KV cache for decoding, in the compute dtype."""
     K = cfg.n_embd // cfg.n_head
-    shape = (batch, max_len, cfg.n_head, K)
     dt = _dtype(cfg.dtype)
-    return tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layer))
+    return tuple({"k": jnp.zeros((batch, cfg.n_head, K, max_len), dt), "v": jnp.zeros((batch, cfg.n_head, max_len, K), dt)}
+                 for _ in range(cfg.n_layer))
+
+
+def transpose_kernels(params):
+    """The same parameters with every block kernel (in, out) -> (out, in), for GPT2(transposed_kernels=True)."""
+    def flip(path, leaf):
+        return leaf.T if path[-1].key == "kernel" else leaf
+
+    return jax.tree_util.tree_map_with_path(flip, params)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import params_from_torch, tiny_model_config, torch_reference
 from flax_gpt.config import ConfigError
-from flax_gpt.generate import (_generate, decode_step, filter_top_k, filter_top_p, generate_tokens, left_pad,
-                               lm_head, prefill, sample_logits)
+from flax_gpt.generate import (compiled_sampler, decode_step, decoding_params, filter_top_k, filter_top_p,
+                               generate_tokens, left_pad, prefill, sample_logits)
 from flax_gpt.model import GPT2
 
 EOS = 50256
@@ -72,10 +72,11 @@ def test_kv_cache_logits_match_recomputing_the_sequence(reference):
     tokens, lens = left_pad(prompts, T, EOS)
     run_prefill = jax.jit(prefill, static_argnames=("cfg", "cache_len"))
     run_decode = jax.jit(decode_step, static_argnames=("cfg",))
-    logits, cache, kv_valid = run_prefill(params, cfg=cfg, tokens=tokens, prompt_lens=lens, cache_len=S)
+    dparams = decoding_params(params, cfg)
+    logits, cache, kv_valid = run_prefill(dparams, cfg=cfg, tokens=tokens, prompt_lens=lens, cache_len=S)
     cached = [np.asarray(logits)]
     for i in range(steps - 1):
-        logits, cache = run_decode(params, cfg, jnp.asarray(follow[:, i]), jnp.asarray(lens + i), cache, T + i,
+        logits, cache = run_decode(dparams, cfg, jnp.asarray(follow[:, i]), jnp.asarray(lens + i), cache, T + i,
                                    kv_valid)
         cached.append(np.asarray(logits))
     # Without a cache: each row's whole sequence from position 0, right-padded to one length (a
@@ -109,9 +110,10 @@ def test_finished_rows_emit_eos(reference):
     base = generate_tokens(params, cfg, prompts, max_new_tokens=20, greedy=True)
     stop = base[0][2]
     tokens, lens = left_pad(prompts, 32, stop)
-    raw = np.asarray(_generate(params, lm_head(params, cfg), tokens, lens, np.zeros(4, bool), jax.random.key(0), np.float32(1),
-                               np.float32(1), np.int32(stop), cfg=cfg, max_new_tokens=20, top_k=0, greedy=True,
-                               use_top_p=False))
+    sampler = compiled_sampler(jax.default_backend())
+    raw = np.asarray(sampler(decoding_params(params, cfg), tokens, lens, np.zeros(4, bool), jax.random.key(0),
+                             np.float32(1), np.float32(1), np.int32(stop), cfg=cfg, max_new_tokens=20, top_k=0,
+                             greedy=True, use_top_p=False))
     first = list(raw[0]).index(stop)
     assert first <= 2 and (raw[0, first:] == stop).all()
 
@@ -204,12 +206,13 @@ def test_same_seed_same_samples_different_seed_different(reference):
 def test_one_compile_per_bucket(reference):
     cfg, _, params = reference
     cfg = dataclasses.replace(cfg, layer_norm_epsilon=1.1e-5)  # a config no other test compiled
-    before = _generate._cache_size()
+    sampler = compiled_sampler(jax.default_backend())
+    before = sampler._cache_size()
     generate_tokens(params, cfg, _prompts((3, 9, 2)), max_new_tokens=4, greedy=True)
     generate_tokens(params, cfg, _prompts((12, 1, 16, 7)), max_new_tokens=4, greedy=True, eos_id=5)
-    assert _generate._cache_size() == before + 1  # both are (T=16, B=4)
+    assert sampler._cache_size() == before + 1  # both are (T=16, B=4)
     generate_tokens(params, cfg, _prompts((17,)), max_new_tokens=4, greedy=True)
-    assert _generate._cache_size() == before + 2  # T=32, B=1 is a new bucket
+    assert sampler._cache_size() == before + 2  # T=32, B=1 is a new bucket
 
 
 def test_too_long_prompt_names_the_limit(reference):

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from conftest import params_from_torch, tiny_model_config, torch_reference
-from flax_gpt.model import GPT2, abstract_params
+from flax_gpt.model import GPT2, abstract_params, transpose_kernels
 
 torch = pytest.importorskip("torch")
 
@@ -109,6 +109,19 @@ def test_vocab_padding_never_predicts_padded_ids_and_keeps_logits():
     assert np.max(np.abs(pad[..., : cfg.vocab_size] - plain)) <= 1e-5
     assert np.all(pad[..., cfg.vocab_size:] < -1e29)
     assert int(np.max(np.argmax(pad, -1))) < cfg.vocab_size
+
+
+def test_transposed_kernel_layout_gives_the_same_logits():
+    cfg = tiny_model_config()
+    params = params_from_torch(torch_reference(cfg), cfg)
+    flipped = transpose_kernels(params)
+    c_fc = params["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert flipped["h_0"]["mlp"]["c_fc"]["kernel"].shape == c_fc.shape[::-1]
+    assert flipped["wte"]["embedding"].shape == params["wte"]["embedding"].shape  # only block kernels flip
+    tokens = _tokens(cfg)
+    want = np.asarray(GPT2(cfg).apply({"params": params}, tokens))
+    got = np.asarray(GPT2(cfg, transposed_kernels=True).apply({"params": flipped}, tokens))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_remat_gives_the_same_gradients():
