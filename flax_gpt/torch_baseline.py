@@ -148,9 +148,9 @@ def measure_torch_baseline(
         return result
 
     result["loadavg_1m_after"] = os.getloadavg()[0]
-    step_time = statistics.fmean(times)
+    step_time = statistics.median(times)  # the same statistic as flax_gpt.bench.measure_step
     result["step_time_s"] = step_time
-    result["step_time_median_s"] = statistics.median(times)
+    result["step_time_mean_s"] = statistics.fmean(times)
     result["step_times_s"] = times
     result["tokens_per_sec"] = batch_size * seq_len / step_time
     result["model_tflops_per_sec"] = result["tokens_per_sec"] * result["flops_per_token"] / 1e12

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -234,7 +235,10 @@ class Trainer:
             bar.close()
             writer.close()
             ckpt.close()
-        summary = thr.summary(step_times[1:] or step_times)
+        timed = step_times[1:] or step_times
+        summary = thr.summary(timed)
+        if timed:
+            summary["step_time_median_s"] = statistics.median(timed)
         return {"step": done, **(last_eval or {}), **{k: v for k, v in summary.items() if v is not None}}
 
 

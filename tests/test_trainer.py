@@ -221,3 +221,21 @@ def test_corrupt_latest_checkpoint_falls_back(shards, tmp_path):
     r = _train_cli(run, *common, "train.steps=6")
     assert r.returncode == 0, r.stderr
     assert "checkpoint 4 is unreadable" in r.stdout + r.stderr and "resuming from checkpoint 2" in r.stdout
+
+
+def test_bench_writes_the_contract_json(tmp_path, shards):
+    out = tmp_path / "bench.json"
+    r = _train_cli(tmp_path / "run", f"data.shards_dir={shards}", verb="bench",
+                   extra_args=["--steps", "3", "--warmup", "1", "--baseline", "eager", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    for key in ("tokens_per_sec", "tokens_per_sec_per_device", "step_time_s", "compile_time_s", "flops_per_token",
+                "mfu", "device_kind", "num_devices", "baseline"):
+        assert key in got, key
+    assert got["device_kind"] == "cpu" and got["num_devices"] == 1 and got["mfu"] is None  # CPUs have no peak
+    assert len(got["step_times_s"]) == 3 and got["step_time_s"] == sorted(got["step_times_s"])[1]  # the median
+    assert got["tokens_per_sec"] == pytest.approx(8 * 32 / got["step_time_s"])
+    assert got["compile_time_s"] > 0 and got["flops_per_token"] > 0
+    base = got["baseline"]
+    assert base["tokens_per_sec"] > 0 and base["ratio"] == pytest.approx(got["tokens_per_sec"] / base["tokens_per_sec"])
+    assert got["loop"]["tokens_per_sec"] > 0 and got["loop"]["ratio_to_bare_step"] > 0
