@@ -115,8 +115,8 @@ def _logits(h: jax.Array, head: jax.Array) -> jax.Array:
 def prefill(dparams, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
     """Run left-padded prompts (B,T) through the model into a fresh cache of `cache_len` slots.
 
-    `dparams` is `decoding_params(params, cfg)`. Returns (next-token logits (B,V), cache, kv_valid (B,S)). Only the last query's logits are
-    computed: prefill never materialises (B,T,V).
+    `dparams` is `decoding_params(params, cfg)`. Returns (next-token logits (B,V), cache,
+    kv_valid (B,S)). Only the last query's logits are computed: prefill never materialises (B,T,V).
     """
     B, T = tokens.shape
     pad = T - prompt_lens
