@@ -6,8 +6,8 @@ Timing: compilation is measured on its own (lower + compile). Steady state is `s
 host dispatch time. Each side runs its steps back to back, ours first, then the baseline's, in
 the same process; the step time is the median on both sides, which a few steps slowed by other
 work on a shared host do not move. (Alternating single steps of the two was tried: our steps
-then ran about 12% slower than alone, the baseline's did not, so it would not be a fair timing.) Batches are
-real shards (synthetic or configured corpus) placed on the device before timing, so the data path
+then ran about 12% slower than alone, the baseline's did not, so it would not be a fair timing.)
+Batches are real shards (synthetic or configured corpus) placed on the device before timing, so the data path
 is not in the bare figure; the loop figure (`Trainer.fit` on the same shapes, with data loading,
 prefetch, metrics fetched one step late and written, no evaluation or periodic checkpoint) shows
 what the loop around the step costs.
@@ -37,44 +37,31 @@ def _device_memory_peak() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-class StepTimer:
-    """The bare jitted train step on real batches: compile time, then one timed step per `step()`."""
+def measure_step(cfg: Config, *, steps: int, warmup: int) -> dict:
+    """Compile time and per-step times (median as the step time) of the bare jitted train step."""
+    from flax_gpt.data import TrainLoader
+    from flax_gpt.pipeline import ensure_shards, open_splits
+    from flax_gpt.trainer import Trainer
 
-    def __init__(self, cfg: Config, *, warmup: int):
-        from flax_gpt.data import TrainLoader
-        from flax_gpt.pipeline import ensure_shards, open_splits
-        from flax_gpt.trainer import Trainer
-
-        ensure_shards(cfg)
-        train_rows, _ = open_splits(cfg)
-        trainer = Trainer(cfg, say=lambda *_: None)
-        self.state = trainer.init_state()
-        loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-                             document_mask=cfg.data.document_mask, packing=cfg.data.packing,
-                             sharding=trainer.batch_sh)
-        self.batches = [loader.global_batch(i) for i in range(4)]
+    ensure_shards(cfg)
+    train_rows, _ = open_splits(cfg)
+    trainer = Trainer(cfg, say=lambda *_: None)
+    state = trainer.init_state()
+    loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
+                         document_mask=cfg.data.document_mask, packing=cfg.data.packing, sharding=trainer.batch_sh)
+    batches = [loader.global_batch(i) for i in range(min(4, warmup + steps))]
+    t0 = time.perf_counter()
+    compiled = trainer.step_fn.lower(state, batches[0]).compile()
+    compile_time = time.perf_counter() - t0
+    times = []
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
-        self.compiled = trainer.step_fn.lower(self.state, self.batches[0]).compile()
-        self.compile_time = time.perf_counter() - t0
-        self.times: list[float] = []
-        self.loss = None
-        for _ in range(warmup):
-            self._run()
-
-    def _run(self) -> float:
-        t0 = time.perf_counter()
-        self.state, m = self.compiled(self.state, self.batches[len(self.times) % len(self.batches)])
-        jax.block_until_ready((self.state, m))
-        self.loss = m["loss"]
-        return time.perf_counter() - t0
-
-    def step(self) -> None:
-        self.times.append(self._run())
-
-    def summary(self) -> dict:
-        return {"compile_time_s": self.compile_time, "step_time_s": statistics.median(self.times),
-                "step_time_mean_s": statistics.fmean(self.times), "step_times_s": self.times,
-                "loss": float(self.loss)}
+        state, m = compiled(state, batches[i % len(batches)])
+        jax.block_until_ready((state, m))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"compile_time_s": compile_time, "step_time_s": statistics.median(times),
+            "step_time_mean_s": statistics.fmean(times), "step_times_s": times, "loss": float(m["loss"])}
 
 
 def measure_loop(cfg: Config, *, steps: int) -> dict:
@@ -100,10 +87,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = 
     n_dev = jax.device_count()
     kind = jax.devices()[0].device_kind
     seq, batch = cfg.data.seq_len, cfg.train.batch_size
-    ours = StepTimer(cfg, warmup=warmup)
-    for _ in range(steps):
-        ours.step()
-    step = ours.summary()
+    step = measure_step(cfg, steps=steps, warmup=warmup)
     tokens_per_sec = batch * seq / step["step_time_s"]
     fpt = flops.flops_per_token(cfg.model, seq)
     result = {

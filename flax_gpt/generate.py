@@ -78,9 +78,8 @@ def decoding_params(params, cfg: ModelConfig) -> dict:
     and the tied head becomes a (D, V) matrix of the real vocab rows only, in the compute dtype
     (so sampling can never pick a padding id). Same values, another layout: logits are unchanged.
     """
-    blocks = transpose_kernels({k: v for k, v in params.items() if k != "wte"})
     head = params["wte"]["embedding"][: cfg.vocab_size].T.astype(jnp.dtype(cfg.dtype))
-    return {**blocks, "wte": params["wte"], "head": head}
+    return {**transpose_kernels(params), "head": head}
 
 
 # The transposes read and write every weight (~0.2 s for GPT-2 on CPU), so they are made once per
@@ -265,10 +264,11 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[list[int]], *, max_n
     tokens, lens = left_pad(padded, T, eos_id)
     done = np.arange(B) >= len(prompts)
     params = _to_device(params)
-    out = compiled_sampler(jax.default_backend())(cached_decoding_params(params, cfg), tokens, lens, done, jax.random.key(seed),
-                    np.float32(temperature or 1.0), np.float32(top_p), np.int32(eos_id), cfg=cfg,
-                    max_new_tokens=int(max_new_tokens), top_k=int(top_k) if not greedy else 0, greedy=bool(greedy),
-                    use_top_p=bool(top_p < 1.0 and not greedy))
+    sampler = compiled_sampler(jax.default_backend())
+    out = sampler(cached_decoding_params(params, cfg), tokens, lens, done, jax.random.key(seed),
+                  np.float32(temperature or 1.0), np.float32(top_p), np.int32(eos_id), cfg=cfg,
+                  max_new_tokens=int(max_new_tokens), top_k=int(top_k) if not greedy else 0, greedy=bool(greedy),
+                  use_top_p=bool(top_p < 1.0 and not greedy))
     out = np.asarray(jax.device_get(out))[: len(prompts)]
     result = []
     for row in out:

@@ -272,8 +272,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
     """Zeroed KV cache for decoding, in the compute dtype."""
     K = cfg.n_embd // cfg.n_head
     dt = _dtype(cfg.dtype)
-    return tuple({"k": jnp.zeros((batch, cfg.n_head, K, max_len), dt), "v": jnp.zeros((batch, cfg.n_head, max_len, K), dt)}
-                 for _ in range(cfg.n_layer))
+    keys, values = (batch, cfg.n_head, K, max_len), (batch, cfg.n_head, max_len, K)
+    return tuple({"k": jnp.zeros(keys, dt), "v": jnp.zeros(values, dt)} for _ in range(cfg.n_layer))
 
 
 def transpose_kernels(params):
