@@ -1,20 +1,50 @@
 """`flax-gpt` verbs: parse arguments, call the library, print. No logic of its own.
 
-User errors (ConfigError, DataError, HFError, CheckpointError) end in one
-line `error: ...` on stderr and exit status 2; a training failure (TrainError) exits 1.
+The one error boundary (`main`): every failure a user can cause ends in one line `error: ...` on
+stderr naming the problem and the fix, exit status 2 (a training failure, `TrainError`, exits 1):
+our errors, the OSError family (permission, not-a-directory, exists, no space left) and argument
+errors. A genuine bug keeps its traceback; `--debug` or FLAX_GPT_DEBUG=1 shows it for the rest too.
+SIGTERM or Ctrl-C before training starts stops with one line; during training they checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import os
+import signal
 import sys
+
+from absl import logging as absl_logging
+
+from flax_gpt.config import config_yaml, explain, load_config
+from flax_gpt.errors import ConfigError, UserError
+
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the filesystem is read-only; choose another path",
+    errno.ENOSPC: "free disk space or choose another path",
+    errno.EDQUOT: "free disk space (quota) or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EISDIR: "it is a folder where a file was expected; fix the path",
+    errno.EEXIST: "it already exists; remove it or choose another path",
+    errno.ENOENT: "it does not exist; fix the path",
+}
+
+
+class Terminated(Exception):
+    """SIGTERM outside the training loop (which handles it by checkpointing)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _config(args):
-    from flax_gpt.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
@@ -22,7 +52,7 @@ def _maybe_distributed(args) -> None:
     """Join a multi-process run: explicit flags, or JAX's auto-detection (Cloud TPU, SLURM...)."""
     if not (args.distributed or args.coordinator):
         return
-    import jax
+    import jax  # noqa: PLC0415 - deferred, see the verbs below
 
     if args.coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -33,80 +63,113 @@ def _maybe_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def cmd_prepare(args) -> int:
-    from flax_gpt.data import describe_stats, prepare_shards
+# Each verb imports the library it needs when it runs (deferred: `flax-gpt --help` and argument
+# errors stay instant instead of loading jax and transformers first).
 
-    cfg = _config(args)
-    manifest = prepare_shards(cfg.data, overwrite=args.overwrite, verify=args.verify)
+def cmd_prepare(args) -> int:
+    from flax_gpt.data.prepare import prepare_shards  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.data.stats import describe_stats  # noqa: PLC0415
+
+    manifest = prepare_shards(_config(args).data, overwrite=args.overwrite, verify=args.verify)
     print(describe_stats(manifest))
     return 0
 
 
 def cmd_train(args) -> int:
     _maybe_distributed(args)
-    from flax_gpt.pipeline import train
+    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
-    result = train(_config(args), overwrite_data=args.overwrite_data)
+    result = pipeline.train(_config(args), overwrite_data=args.overwrite_data)
     print(json.dumps(result))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from flax_gpt.pipeline import evaluate_run
+    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
-    print(json.dumps(evaluate_run(args.run_dir, step=args.step)))
+    print(json.dumps(pipeline.evaluate_run(args.run_dir, step=args.step)))
     return 0
 
 
 def cmd_import_hf(args) -> int:
-    from flax_gpt.run import import_hf_to_run
+    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
-    cfg, n = import_hf_to_run(args.src, args.out)
+    cfg, n = pipeline.import_hf(args.src, args.out)
     print(f"imported {args.src} ({n:,} parameters, {cfg.model.n_layer} layers) into {args.out} as step 0")
     return 0
 
 
 def cmd_export(args) -> int:
-    from flax_gpt.pipeline import export_run
+    from flax_gpt.export.hf_folder import export_run  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.export.hub import push_to_hub  # noqa: PLC0415
 
     out, diff = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported to {out}; transformers reloads it and its logits match ours (max diff {diff:.2e})")
     if args.push_to_hub:
-        from flax_gpt.publish import push_to_hub
-
         url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision)
         print(f"pushed to {url}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from flax_gpt.generate import generate_cli
+    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.generate import load_model  # noqa: PLC0415
 
-    return generate_cli(args)
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--num-samples and --max-new-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    prompts = list(args.prompt)
+    kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    if args.backend == "transformers":
+        texts = pipeline.transformers_generate(run_dir=args.run_dir, hf=args.hf, step=args.step, prompts=prompts,
+                                               **kw)
+    else:
+        texts = load_model(run_dir=args.run_dir, hf=args.hf, step=args.step).generate(prompts, **kw)
+    for i, text in enumerate(texts):
+        prompt, k = prompts[i // args.num_samples], i % args.num_samples
+        if args.json:
+            print(json.dumps({"prompt": prompt, "sample": k, "text": text}, ensure_ascii=False))
+        else:
+            head = f"--- {prompt!r}" + (f" (sample {k + 1}/{args.num_samples})" if args.num_samples > 1 else "")
+            print(f"{head}\n{text}\n")
+    return 0
 
 
 def cmd_bench(args) -> int:
-    from flax_gpt.bench import run_bench
+    from flax_gpt.bench.throughput import run_bench  # noqa: PLC0415 - deferred, see above
 
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
     result = run_bench(_config(args), steps=args.steps, warmup=args.warmup, baseline=args.baseline, out=args.out)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_report(args) -> int:
-    from flax_gpt.report import write_report
+    from flax_gpt.report.report import write_report  # noqa: PLC0415 - deferred, see above
 
+    if args.samples < 0 or args.max_new_tokens < 1:
+        raise ConfigError("--samples must be >= 0 and --max-new-tokens >= 1")
     path = write_report(args.run_dir, samples=args.samples, max_new_tokens=args.max_new_tokens)
     print(f"report written to {path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flax-gpt", description="Train, evaluate, sample and export GPT-2 models in JAX.")
-    sub = p.add_subparsers(dest="verb", required=True)
+def cmd_config(args) -> int:
+    cfg = _config(args)
+    print(explain(cfg) if args.explain else config_yaml(cfg), end="\n" if args.explain else "")
+    return 0
 
-    def with_config(sp):
-        sp.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="flax-gpt", description="Train, evaluate, sample and export GPT-2 models in JAX.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors too")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    def with_config(sp, required=True):
+        sp.add_argument("config", nargs=None if required else "?", help="YAML config, e.g. configs/tiny.yaml")
         sp.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=20")
 
     sp = sub.add_parser("prepare", help="tokenize text into packed shards + manifest.json")
@@ -139,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--step", help="N, 'latest' (default) or 'best'")
     sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     sp.add_argument("--push-to-hub", metavar="REPO_ID")
     sp.add_argument("--private", action="store_true")
     sp.add_argument("--revision", help="branch to push to")
@@ -149,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("run_dir", nargs="?")
     src.add_argument("--hf", metavar="HF_DIR")
-    sp.add_argument("--step")
+    sp.add_argument("--step", help="N, 'latest' (default) or 'best'")
     sp.add_argument("--prompt", action="append", required=True)
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--temperature", type=float, default=1.0)
@@ -175,38 +238,51 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=10)
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("config", help="print the resolved config (--explain: every key, its meaning)")
+    with_config(sp, required=False)
+    sp.add_argument("--explain", action="store_true", help="every key with its value, default, effect and meaning")
+    sp.set_defaults(fn=cmd_config)
     return p
 
 
 def _quiet_libraries() -> None:
     """Orbax and JAX log routine notices through absl at WARNING; users see only ours."""
-    import logging
-
-    from absl import logging as absl_logging
-
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("absl").setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from flax_gpt.checkpoint import CheckpointError
-    from flax_gpt.config import ConfigError
-    from flax_gpt.data import DataError
-    from flax_gpt.hf_io import HFError
-    from flax_gpt.trainer import TrainError
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        where = e.filename if e.filename is not None else ""
+        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        hint = _OS_HINTS.get(e.errno, "check the path")
+        return f"{where}: {what}; {hint}" if where else f"{what}; {hint}"
+    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    return text
 
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("FLAX_GPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
+    signal.signal(signal.SIGTERM, _terminate)  # the training loop replaces it while it runs
     try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
         return args.fn(args)
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ConfigError, DataError, HFError, CheckpointError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except Terminated:
+        print("terminated (SIGTERM); what was already written is complete; rerun the same command to continue",
+              file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

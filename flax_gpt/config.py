@@ -1,5 +1,10 @@
 """Typed, frozen configuration: YAML presets plus `section.key=value` overrides.
 
+Every field declares itself once, with `setting(...)`: its default, what it means, whether changing
+it changes what a run computes (`effect="result"`: a run directory refuses the change on resume)
+or only how the run goes (`effect="run"`), its allowed values, and its label in the model card.
+The resume check, the model card and `flax-gpt config --explain` all read that declaration.
+
 Resolution order for every section: dataclass defaults < preset (model/optim only) < YAML file
 < command-line overrides. The resolved config is what gets saved to `RUN_DIR/config.yaml`, so a
 saved config always reloads to exactly the same values. This module never imports jax.
@@ -17,18 +22,24 @@ from typing import Any
 
 import yaml
 
+from flax_gpt.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message names the problem and the fix."""
+# GPT-2's tokenizer, the one place these numbers are written down.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_ID = 50256  # <|endoftext|>, also GPT-2's BOS and our document separator
 
+RESULT, RUN = "result", "run"
 
 # Architecture presets. `tiny` exists for tests: small enough to compile in seconds on a CPU but
 # still with the real GPT-2 vocabulary so the real tokenizer and export paths are exercised.
+_GPT2 = dict(vocab_size=GPT2_VOCAB_SIZE, n_positions=1024)
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
-    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=256),
+    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, **_GPT2),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, **_GPT2),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, **_GPT2),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, **_GPT2),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, **_GPT2),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=GPT2_VOCAB_SIZE, n_positions=256),
 }
 
 # `keras` reproduces transformers' TF `AdamWeightDecay` defaults (the usual Keras recipe):
@@ -38,27 +49,40 @@ OPTIM_PRESETS: dict[str, dict[str, Any]] = {
     "keras": dict(b1=0.9, b2=0.999, eps=1e-7, clip_norm=0.0, warmup_steps=0),
 }
 
-DTYPES = ("float32", "bfloat16")
+# Learning-rate schedules (each with linear warmup; built in train/optim.py).
+SCHEDULES = ("exponential", "cosine", "linear", "constant", "wsd")
+
+
+def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "") -> Any:
+    """Declare a config field: default, meaning, effect (RESULT or RUN), allowed values, card label."""
+    meta = {"doc": doc, "effect": effect, "choices": tuple(choices), "card": card}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "tiny"
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-    vocab_size: int = 50257
-    n_positions: int = 256
-    n_inner: int = 0  # 0 means 4 * n_embd, as GPT-2
-    layer_norm_epsilon: float = 1e-5
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    resid_pdrop: float = 0.1
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False  # rematerialise each block in the backward pass
-    attention: str = "xla"  # "xla" | "cudnn" (GPU only)
-    pad_vocab_to: int = 0  # pad the embedding's vocab dim to a multiple of this (0 = off)
-    init_from: str = ""  # Hub id, HF folder or run directory; "" = GPT-2's own init
+    preset: str = setting("gpt2", "architecture preset; fills the sizes below unless they are set",
+                          choices=tuple(MODEL_PRESETS))
+    n_layer: int = setting(12, "transformer blocks", card="layers")
+    n_embd: int = setting(768, "model width D", card="width")
+    n_head: int = setting(12, "attention heads (must divide n_embd)", card="heads")
+    vocab_size: int = setting(GPT2_VOCAB_SIZE, "vocabulary size (GPT-2: 50257)", card="vocab")
+    n_positions: int = setting(1024, "context length (position embeddings)", card="context (n_positions)")
+    n_inner: int = setting(0, "MLP width; 0 means 4 * n_embd, as GPT-2")
+    layer_norm_epsilon: float = setting(1e-5, "LayerNorm epsilon")
+    embd_pdrop: float = setting(0.1, "dropout on the embeddings", card="dropout: embeddings")
+    attn_pdrop: float = setting(0.1, "dropout on attention probabilities", card="dropout: attention")
+    resid_pdrop: float = setting(0.1, "dropout on each block's residual branch", card="dropout: residual")
+    dtype: str = setting("float32", "compute dtype; parameters, optimizer state, softmax and loss stay float32",
+                         effect=RUN, choices=("float32", "bfloat16"), card="compute dtype")
+    remat: bool = setting(False, "recompute each block in the backward pass (less memory, more FLOPs)", effect=RUN)
+    attention: str = setting("xla", "attention kernel: xla, or cudnn on NVIDIA GPUs", effect=RUN,
+                             choices=("xla", "cudnn"))
+    pad_vocab_to: int = setting(0, "pad the embedding's vocab rows to a multiple of this (0 = off); never exported")
+    init_from: str = setting("", "start from: Hub id, HF folder or run directory; empty = GPT-2's own init",
+                             effect=RUN, card="initialised from")
 
     @property
     def d_ff(self) -> int:
@@ -70,43 +94,41 @@ class ModelConfig:
         return self.vocab_size if m <= 0 else -(-self.vocab_size // m) * m
 
     def validate(self) -> None:
-        _check_choice("model.preset", self.preset, tuple(MODEL_PRESETS))
-        _check_choice("model.dtype", self.dtype, DTYPES)
-        _check_choice("model.attention", self.attention, ("xla", "cudnn"))
         for k in ("n_layer", "n_embd", "n_head", "vocab_size", "n_positions"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"model.{k} must be positive (got {getattr(self, k)})")
         if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
-                "choose a head count that divides the width"
-            )
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                              "choose a head count that divides the width")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "synthetic", a Hub dataset id (e.g. CShorten/ML-ArXiv-Papers), or local files: a path, a
-    # glob, or a list of them (csv, json, jsonl, parquet, txt).
-    source: Any = "synthetic"
-    hf_split: str = "train"
-    hf_revision: str = ""
-    hf_name: str = ""  # dataset configuration name, if the Hub dataset has several
-    text_column: str = "abstract"
-    template: str = ""  # e.g. "{title}\n{abstract}"; overrides text_column when set
-    normalize_whitespace: bool = True
-    tokenizer: str = "gpt2"
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    split_seed: int = 0
-    shards_dir: str = "data/shards"
-    rows_per_shard: int = 8192
-    packing: str = "pack"  # "pack" (concatenate with EOS) | "pad" (one document a row, pad/truncate)
-    document_mask: bool = False  # segment ids + restarted positions so documents don't attend across
-    synthetic_docs: int = 4000
-    prefetch: int = 2
+    source: Any = setting("synthetic", "synthetic, a Hub dataset id, or local/gs:// files: a path, glob, "
+                          "folder or list (csv, json, jsonl, parquet, txt)", card="data source")
+    hf_split: str = setting("train", "split of a Hub dataset or dataset folder")
+    hf_revision: str = setting("", "Hub dataset revision (pin it: an unpinned Hub source is identified by name)")
+    hf_name: str = setting("", "Hub dataset configuration name, if it has several")
+    text_column: str = setting("abstract", "column holding the text (unless data.template is set)")
+    template: str = setting("", 'text built from columns, e.g. "{title}\\n{abstract}"; overrides text_column',
+                            card="text template")
+    normalize_whitespace: bool = setting(True, "collapse runs of whitespace in each field to one space")
+    tokenizer: str = setting("gpt2", "gpt2 (offline GPT-2 BPE) or a transformers tokenizer folder/id",
+                             card="tokenizer")
+    seq_len: int = setting(256, "tokens per row", card="sequence length")
+    val_fraction: float = setting(0.05, "fraction of documents held out for validation (0 = none)",
+                                  card="validation fraction")
+    split_seed: int = setting(0, "seed of the document-level train/validation split")
+    shards_dir: str = setting("data/shards", "where prepared shards + manifest.json live", effect=RUN)
+    rows_per_shard: int = setting(8192, "rows per shard file", effect=RUN)
+    packing: str = setting("pack", "pack: documents concatenated with EOS; pad: one document a row, "
+                           "padded/truncated", choices=("pack", "pad"), card="packing")
+    document_mask: bool = setting(False, "documents in a row do not attend to each other; positions restart",
+                                  card="document masking")
+    synthetic_docs: int = setting(4000, "documents of the synthetic corpus")
+    prefetch: int = setting(2, "batches prepared ahead on a background thread", effect=RUN)
 
     def validate(self) -> None:
-        _check_choice("data.packing", self.packing, ("pack", "pad"))
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be at least 2 (got {self.seq_len})")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -117,60 +139,77 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    preset: str = "default"
-    learning_rate: float = 5e-4
-    warmup_steps: int = 0
-    decay_steps: int = 1000  # Keras ExponentialDecay: lr * decay_rate ** (step / decay_steps)
-    decay_rate: float = 1.0
-    staircase: bool = False
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    decay_embeddings: bool = True  # apply weight decay to wte/wpe (biases and LayerNorms never)
-    clip_norm: float = 1.0  # global-norm clipping; 0 disables it
+    preset: str = setting("default", "default (clip 1.0, eps 1e-8) or keras (the usual recipe's AdamWeightDecay)",
+                          choices=tuple(OPTIM_PRESETS))
+    schedule: str = setting("exponential", "learning-rate schedule after warmup", choices=SCHEDULES,
+                            card="schedule")
+    learning_rate: float = setting(5e-4, "peak learning rate", card="learning rate")
+    warmup_steps: int = setting(0, "linear warmup from 0 over this many steps", card="warmup steps")
+    decay_steps: int = setting(1000, "exponential: lr * decay_rate ** (step / decay_steps), Keras' ExponentialDecay")
+    decay_rate: float = setting(1.0, "exponential: factor per decay_steps (1.0 = constant)", card="decay rate")
+    staircase: bool = setting(False, "exponential: decay in whole steps of decay_steps")
+    min_lr_ratio: float = setting(0.0, "cosine/linear/wsd: final learning rate as a fraction of the peak")
+    decay_fraction: float = setting(0.2, "wsd: fraction of the run spent decaying at the end")
+    b1: float = setting(0.9, "AdamW beta1", card="AdamW b1")
+    b2: float = setting(0.999, "AdamW beta2", card="AdamW b2")
+    eps: float = setting(1e-8, "AdamW epsilon", card="AdamW eps")
+    weight_decay: float = setting(0.01, "decoupled weight decay on weight matrices", card="weight decay")
+    decay_embeddings: bool = setting(True, "also decay wte/wpe (biases and LayerNorms never are)")
+    clip_norm: float = setting(1.0, "global-norm gradient clipping; 0 disables it", card="gradient clipping")
 
     def validate(self) -> None:
-        _check_choice("optim.preset", self.preset, tuple(OPTIM_PRESETS))
         if self.decay_steps <= 0:
             raise ConfigError(f"optim.decay_steps must be positive (got {self.decay_steps})")
         if self.learning_rate <= 0:
             raise ConfigError(f"optim.learning_rate must be positive (got {self.learning_rate})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError("optim.min_lr_ratio must be in [0, 1] and optim.decay_fraction in (0, 1]")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run_dir: str = "runs/tiny"
-    steps: int = 100  # 0 = derive from train.epochs and the training split size
-    epochs: float = 1.0  # used only when train.steps is 0
-    batch_size: int = 8  # global, in sequences
-    grad_accum: int = 1
-    seed: int = 0
-    eval_every: int = 0  # 0 = evaluate only at the end
-    eval_batch_size: int = 0  # 0 = train.batch_size
-    log_every: int = 1
-    progress: bool = True
-    export_dir: str = ""  # export an HF folder here at the end of training ("" = no export)
-    sample_prompts: list = field(default_factory=list)  # printed samples at the end of training
-    sample_max_new_tokens: int = 48
+    run_dir: str = setting("runs/default", "run directory: config, checkpoints, metrics (local or gs://)",
+                           effect=RUN)
+    steps: int = setting(100, "optimizer steps to train to; 0 = derive from train.epochs", effect=RUN,
+                         card="steps")
+    epochs: float = setting(1.0, "passes over the training split, used only when train.steps is 0", effect=RUN)
+    batch_size: int = setting(8, "global batch, in sequences", card="batch size (sequences)")
+    grad_accum: int = setting(1, "micro-batches per step (same result, less memory)", effect=RUN,
+                              card="gradient accumulation")
+    seed: int = setting(0, "seed of the init, data order and dropout", card="seed")
+    eval_every: int = setting(0, "evaluate every N steps; 0 = only at the end", effect=RUN)
+    eval_batch_size: int = setting(0, "evaluation batch; 0 = train.batch_size", effect=RUN)
+    log_every: int = setting(1, "write training metrics every N steps", effect=RUN)
+    progress: bool = setting(True, "show a progress bar", effect=RUN)
+    export_dir: str = setting("", "export an HF folder here at the end of training (empty = no export)",
+                              effect=RUN)
+    sample_prompts: list = setting([], "prompts sampled and printed at the end of training", effect=RUN)
+    sample_max_new_tokens: int = setting(48, "tokens generated per end-of-training sample", effect=RUN)
+    profile_steps: str = setting("", "START:END writes a jax.profiler trace of those steps to RUN_DIR/profile",
+                                 effect=RUN)
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("train.batch_size and train.grad_accum must be positive")
         if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"train.batch_size={self.batch_size} is not divisible by "
-                f"train.grad_accum={self.grad_accum}; pick a batch that splits into micro-batches"
-            )
-        if self.steps < 0:
-            raise ConfigError(f"train.steps must be >= 0 (got {self.steps})")
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum="
+                              f"{self.grad_accum}; pick a batch that splits into micro-batches")
+        if self.steps < 0 or self.epochs < 0:
+            raise ConfigError(f"train.steps and train.epochs must be >= 0 (got {self.steps}, {self.epochs})")
+        if self.steps == 0 and self.epochs == 0:
+            raise ConfigError("train.steps=0 and train.epochs=0 ask for no training; set train.steps=N "
+                              "or train.epochs=E")
+        if self.profile_steps:
+            profile_range(self.profile_steps)
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1 fills the devices left over by the other axes
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = setting(-1, "data-parallel axis; -1 fills the devices the other axes leave", effect=RUN)
+    fsdp: int = setting(1, "fully sharded data-parallel axis (parameters and optimizer state sharded)", effect=RUN)
+    tensor: int = setting(1, "tensor-parallel axis (Megatron-style splits of the matmuls)", effect=RUN)
 
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
@@ -182,10 +221,22 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0  # 0 = only at the end (and on preemption)
-    keep: int = 3
-    keep_best: bool = True  # also keep the checkpoint with the best validation loss
-    async_save: bool = True
+    every: int = setting(0, "checkpoint every N steps; 0 = only at the end and on preemption", effect=RUN)
+    keep: int = setting(3, "newest checkpoints kept", effect=RUN)
+    keep_best: bool = setting(True, "also keep the checkpoint with the best validation loss", effect=RUN)
+    async_save: bool = setting(True, "save in the background while training goes on", effect=RUN)
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1 "
+                              f"(got {self.every}, {self.keep})")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+    "train": TrainConfig, "mesh": MeshConfig, "checkpoint": CheckpointConfig,
+}
+PRESETS = {"model": MODEL_PRESETS, "optim": OPTIM_PRESETS}
 
 
 @dataclass(frozen=True)
@@ -198,16 +249,23 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if hasattr(section, "validate"):
-                section.validate()
+        for name, _, f, value in self.items():
+            choices = f.metadata["choices"]
+            if choices and value not in choices:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        for section in SECTIONS:
+            getattr(self, section).validate()
         if self.data.seq_len > self.model.n_positions:
-            raise ConfigError(
-                f"data.seq_len={self.data.seq_len} exceeds model.n_positions="
-                f"{self.model.n_positions}; lower data.seq_len"
-            )
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.n_positions="
+                              f"{self.model.n_positions}; lower data.seq_len")
         return self
+
+    def items(self):
+        """(`section.key`, section name, dataclass field, value) for every setting, in order."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                yield f"{section}.{f.name}", section, f, getattr(obj, f.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,15 +276,15 @@ class Config:
         return dataclasses.replace(self, **updates)
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-    "train": TrainConfig, "mesh": MeshConfig, "checkpoint": CheckpointConfig,
-}
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+def profile_range(text: str) -> tuple[int, int]:
+    """`train.profile_steps` "START:END" -> (START, END), steps START+1 .. END traced."""
+    try:
+        start, end = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"train.profile_steps={text!r} is not START:END (e.g. 10:15)") from None
+    if not 0 <= start < end:
+        raise ConfigError(f"train.profile_steps={text!r} needs 0 <= START < END")
+    return start, end
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -234,17 +292,11 @@ def _closest(name: str, options: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Turn a YAML/CLI value into the field's declared type, or fail naming the key."""
     if typ is Any or value is None:
         return value
-    origin = typing.get_origin(typ)
-    if typ is list or origin is list:
+    if typ is list or typing.get_origin(typ) is list:
         return list(value) if isinstance(value, (list, tuple)) else [value]
     if isinstance(typ, types.UnionType):
         return value
@@ -262,6 +314,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is float:
             return float(value)
         if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} expects {typ.__name__} (got {value!r})") from None
@@ -282,55 +336,73 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Resolve a nested dict (as read from YAML) plus `section.key=value` overrides."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    raw = dict(raw or {})
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'{_closest(str(section), list(SECTIONS))}")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys (got "
+                              f"{type(values).__name__} {values!r}); write e.g. '{section}:' then 'key: value' lines")
+    raw = {k: dict(v or {}) for k, v in raw.items()}
     for text in overrides:
         section, key, value = _parse_override(text)
-        raw.setdefault(section, {})[key] = value
-    for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section '{section}'{_closest(section, list(SECTIONS))}")
+        raw.setdefault(section, {})[key] = value
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name, {})
-        types_ = _field_types(cls)
+        hints = typing.get_type_hints(cls)
         for key in values:
-            if key not in types_:
-                options = [f"{name}.{k}" for k in types_]
+            if key not in hints:
+                options = [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
                 raise ConfigError(f"unknown config key '{name}.{key}'{_closest(f'{name}.{key}', options)}")
-        preset_table = {"model": MODEL_PRESETS, "optim": OPTIM_PRESETS}.get(name)
-        if preset_table is not None:
+        if name in PRESETS:
             preset = values.get("preset", cls.preset)
-            _check_choice(f"{name}.preset", preset, tuple(preset_table))
-            values = {**preset_table[preset], **values}
-        sections[name] = cls(**{k: _coerce(f"{name}.{k}", v, types_[k]) for k, v in values.items()})
+            if preset not in PRESETS[name]:
+                raise ConfigError(f"{name}.preset={preset!r} is not one of {', '.join(PRESETS[name])}")
+            values = {**PRESETS[name][preset], **values}
+        sections[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
     return Config(**sections).validate()
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> Config:
-    """Load a YAML config file (or only defaults when path is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}; pass a YAML file such as configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections")
+def config_from_yaml(text: str, where: str, overrides: list[str] | tuple = ()) -> Config:
+    """A YAML document (a config file, a run's config.yaml) plus overrides -> Config; `where` names it."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections (model:, data:, train: ...)")
     return build_config(raw, overrides)
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
+def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a YAML config file (or only defaults when path is None) and apply overrides."""
+    if path is None:
+        return build_config({}, overrides)
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(p)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}; pass a YAML file such as configs/tiny.yaml")
+    return config_from_yaml(p.read_text(encoding="utf-8"), f"config file {p}", overrides)
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict()` output (e.g. a run directory's config.yaml)."""
-    return build_config(d)
+def config_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def explain(config: Config) -> str:
+    """`flax-gpt config --explain`: every key, its value here, its default, its effect and meaning."""
+    default = Config()
+    lines = []
+    for name, section, f, value in config.items():
+        base = getattr(getattr(default, section), f.name)
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        note = "" if value == base else f"  (default {base!r})"
+        choices = f" [{' | '.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        effect = "result" if f.metadata["effect"] == RESULT else "run   "
+        lines.append(f"{name:<30} {shown:<22} {effect}  {f.metadata['doc']}{choices}{note}")
+    head = ("key                            value                  effect  meaning\n"
+            "(effect: 'result' changes what a run computes, so a run directory refuses a change on resume; "
+            "'run' changes only how it runs)")
+    return head + "\n" + "\n".join(lines)

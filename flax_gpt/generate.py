@@ -21,16 +21,14 @@ Decoding reads the weights in the layout a matrix-vector product reads fastest (
 `GPT2.hidden` with `transposed_kernels=True`.
 
 Sharded parameters: nothing here names a mesh. Pass parameters placed on any mesh (e.g. from
-`run.load_params`) and jit derives the computation's shardings from its inputs.
+`train.state.load_params`) and jit derives the computation's shardings from its inputs.
+`load_model` loads what the sampler needs from a run directory or an HF folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -39,10 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt.config import ConfigError, ModelConfig
-from flax_gpt.model import GPT2, init_cache, transpose_kernels
+from flax_gpt.config import GPT2_EOS_ID, GPT2_VOCAB_SIZE, ModelConfig
+from flax_gpt.data.tokenizer import Tokenizer, load_tokenizer
+from flax_gpt.errors import ConfigError
+from flax_gpt.model.gpt2 import GPT2, abstract_params, init_cache, transpose_kernels
+from flax_gpt.model.hf import load_hf, resolve_source
+from flax_gpt.train.state import load_params
 
-GPT2_EOS = 50256
 MIN_PROMPT_BUCKET = 16
 
 
@@ -242,7 +243,7 @@ def _to_device(params):
 
 def generate_tokens(params, cfg: ModelConfig, prompts: list[list[int]], *, max_new_tokens: int,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                    seed: int = 0, eos_id: int = GPT2_EOS) -> list[list[int]]:
+                    seed: int = 0, eos_id: int = GPT2_EOS_ID) -> list[list[int]]:
     """New tokens for each prompt (EOS and anything after it stripped).
 
     An empty prompt is conditioned on EOS (<|endoftext|>), GPT-2's document separator.
@@ -289,108 +290,40 @@ def generate_text(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, nu
     return [t + tokenizer.decode(n) for t, n in zip(texts, new)]
 
 
-def sample_run(run_dir: str | Path, prompts: list[str], *, max_new_tokens: int, seed: int, step=None,
-               num_samples: int = 1, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.95) -> list[str]:
-    """Samples from a run directory's checkpoint (end-of-training samples, report word clouds).
+@dataclasses.dataclass
+class LoadedModel:
+    """Parameters, model config and tokenizer of a run's checkpoint or an HF folder."""
 
-    Nucleus sampling (top_p=0.95) by default: plain sampling from a small model wanders off.
-    """
-    from flax_gpt.data.tokenizer import load_tokenizer
-    from flax_gpt.run import load_params
+    params: dict
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    folder: Path | None = None  # the HF folder it came from, if any
+    run_dir: Path | None = None
+    step: int | None = None
 
-    cfg, params, _, _ = load_params(run_dir, step)
-    tok = load_tokenizer(cfg.data.tokenizer)
-    model_cfg = dataclasses.replace(cfg.model, remat=False)
-    return generate_text(params, model_cfg, tok, list(prompts), num_samples=num_samples,
-                         max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
-
-
-# ----------------------------------------------------------------------------- CLI
+    def generate(self, prompts: list[str], *, num_samples: int = 1, **kw) -> list[str]:
+        return generate_text(self.params, self.cfg, self.tokenizer, prompts, num_samples=num_samples, **kw)
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-
-
-def _hf_tokenizer(folder: Path, vocab_size: int):
+def folder_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     """The folder's own tokenizer, else GPT-2's (offline) when the vocab is GPT-2's."""
-    from flax_gpt.data.tokenizer import load_tokenizer
-
-    if _has_tokenizer(folder):
+    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return load_tokenizer(str(folder))
-    if vocab_size == 50257:
+    if vocab_size == GPT2_VOCAB_SIZE:
         return load_tokenizer("gpt2")
     raise ConfigError(f"{folder} has no tokenizer files and vocab_size={vocab_size} is not GPT-2's; "
                       "add the tokenizer (tokenizer.json) to the folder")
 
 
-def _jax_texts(args, prompts: list[str]) -> list[str]:
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    if args.hf:
-        from flax_gpt.hf_io import load_hf, resolve_source
-        from flax_gpt.model import abstract_params
-
-        folder = resolve_source(args.hf)
-        cfg, params = load_hf(str(folder), abstract_params)
-        tok = _hf_tokenizer(folder, cfg.vocab_size)
-        params = jax.device_put(params)
-    else:
-        from flax_gpt.data.tokenizer import load_tokenizer
-        from flax_gpt.run import load_params
-
-        run_cfg, params, _, _ = load_params(args.run_dir, args.step)
-        cfg, tok = dataclasses.replace(run_cfg.model, remat=False), load_tokenizer(run_cfg.data.tokenizer)
-    return generate_text(params, cfg, tok, prompts, num_samples=args.num_samples, **kw)
-
-
-def _transformers_texts(args, prompts: list[str]) -> list[str]:
-    import transformers
-
-    with tempfile.TemporaryDirectory(prefix="flax_gpt-generate-") as tmp:
-        if args.hf:
-            from flax_gpt.hf_io import resolve_source
-
-            folder = resolve_source(args.hf)
-        else:
-            from flax_gpt.pipeline import export_run
-
-            folder, _ = export_run(args.run_dir, Path(tmp) / "export", step=args.step)
-        tokenizer = None
-        if not _has_tokenizer(Path(folder)):  # transformers would build an empty tokenizer
-            vocab = json.loads((Path(folder) / "config.json").read_text()).get("vocab_size", 0)
-            tokenizer = _hf_tokenizer(Path(folder), vocab).hf()
-        transformers.set_seed(args.seed)
-        generator = transformers.pipeline("text-generation", model=str(folder), tokenizer=tokenizer, device="cpu")
-        eos = generator.tokenizer.eos_token_id
-        greedy = args.greedy or args.temperature == 0
-        kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=eos, do_sample=not greedy)
-        if not greedy:
-            kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      num_return_sequences=args.num_samples)
-        out = []
-        for prompt in prompts:  # one prompt at a time: no pad-token batching surprises
-            got = [d["generated_text"] for d in generator(prompt, **kw)]
-            out += got if not greedy else got * args.num_samples  # greedy samples are all the same
-        return out
-
-
-def generate_cli(args) -> int:
-    """`flax-gpt generate`: samples from RUN_DIR [--step] or --hf HF_DIR, JAX or transformers backend."""
-    if args.hf and args.step is not None:
-        raise ConfigError("--step selects a checkpoint of a run directory; it does not apply to --hf")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--num-samples and --max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    prompts = list(args.prompt)
-    texts = (_transformers_texts if args.backend == "transformers" else _jax_texts)(args, prompts)
-    for i, text in enumerate(texts):
-        prompt, k = prompts[i // args.num_samples], i % args.num_samples
-        if args.json:
-            print(json.dumps({"prompt": prompt, "sample": k, "text": text}, ensure_ascii=False))
-        else:
-            head = f"--- {prompt!r}" + (f" (sample {k + 1}/{args.num_samples})" if args.num_samples > 1 else "")
-            print(f"{head}\n{text}\n")
-    sys.stdout.flush()
-    return 0
+def load_model(*, run_dir: str | Path | None = None, hf: str | None = None, step=None,
+               dtype: str = "float32") -> LoadedModel:
+    """A run directory's checkpoint (`step`: N, latest or best) or an HF folder / Hub id."""
+    if hf is not None:
+        if step is not None:
+            raise ConfigError("--step selects a checkpoint of a run directory; it does not apply to --hf")
+        folder = resolve_source(str(hf))
+        cfg, params = load_hf(str(folder), abstract_params, dtype=dtype)
+        return LoadedModel(jax.device_put(params), cfg, folder_tokenizer(folder, cfg.vocab_size), folder=folder)
+    run_cfg, params, chosen, _ = load_params(run_dir, step)
+    cfg = dataclasses.replace(run_cfg.model, remat=False)
+    return LoadedModel(params, cfg, load_tokenizer(run_cfg.data.tokenizer), run_dir=Path(run_dir), step=chosen)

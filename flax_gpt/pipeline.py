@@ -1,70 +1,74 @@
-"""What the verbs do, end to end: train (prepare -> fit -> export -> samples), eval, export.
+"""What each verb does, end to end: train (check -> prepare -> fit -> export -> samples), eval,
+import-hf, and the model sources generate and the API load from.
 
 The CLI and the notebook API (`flax_gpt.api`) both call these; they hold no math of their own.
+Every output location is checked before any work starts (`storage.check_output`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
+import transformers
 
-from flax_gpt.config import Config
+from flax_gpt import storage
+from flax_gpt.config import Config, MeshConfig
+from flax_gpt.errors import ConfigError, OutputError
+from flax_gpt.export.hf_folder import export_run, require_torch
+from flax_gpt.generate import folder_tokenizer, load_model
+from flax_gpt.model.gpt2 import abstract_params
+from flax_gpt.model.hf import load_hf, resolve_source
+from flax_gpt.sharding import make_mesh
+from flax_gpt.train.checkpoint import Checkpointer
+from flax_gpt.train.evaluate import Evaluator
+from flax_gpt.train.inputs import ensure_shards, open_splits
+from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
+from flax_gpt.train.state import StateBuilder, load_params, total_steps
+from flax_gpt.train.trainer import Trainer
 
 
-def ensure_shards(cfg: Config, *, overwrite: bool = False) -> dict:
-    """Prepare the configured shards if needed (process 0 first; others reuse or make their own)."""
-    from flax_gpt.data import prepare_shards
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        manifest = prepare_shards(cfg.data, overwrite=overwrite) if jax.process_index() == 0 else None
-        multihost_utils.sync_global_devices("flax_gpt.prepare")
-        # On a shared filesystem this reuses process 0's shards; on local disks it makes them.
-        return manifest or prepare_shards(cfg.data)
-    return prepare_shards(cfg.data, overwrite=overwrite)
-
-
-def open_splits(cfg: Config, *, verify: bool = False):
-    from flax_gpt.data import open_split
-
-    kw = dict(vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len, verify=verify)
-    return open_split(cfg.data.shards_dir, "train", **kw), open_split(cfg.data.shards_dir, "val", **kw)
+def check_outputs(cfg: Config) -> bool:
+    """Everything `train` will write, checked before anything runs. True when resuming."""
+    run, shards = Path(cfg.train.run_dir).absolute(), Path(cfg.data.shards_dir).absolute()
+    if cfg.train.export_dir:
+        out = Path(cfg.train.export_dir).absolute()
+        for name, other in (("train.run_dir", run), ("data.shards_dir", shards)):
+            if out == other or other in out.parents or out in other.parents:
+                raise OutputError(f"train.export_dir={cfg.train.export_dir} overlaps {name}={other}; "
+                                  "export to a folder of its own, e.g. exports/<name>")
+        storage.check_output(out, "export", reuse=True)
+        require_torch()  # the export is checked by loading it with transformers
+    if shards == run or run / "checkpoints" in (shards, *shards.parents):
+        raise OutputError(f"data.shards_dir={cfg.data.shards_dir} is the run directory or inside its "
+                          "checkpoints; choose a folder of its own")
+    return check_run_dir(cfg)
 
 
 def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
-    from flax_gpt.run import prepare_run_dir
-    from flax_gpt.trainer import Trainer, total_steps
-
-    if cfg.train.export_dir:  # fail now, not after training, if the export cannot be checked
-        from flax_gpt.hf_io import require_torch
-
-        require_torch()
-    resuming = prepare_run_dir(cfg)
+    resuming = check_outputs(cfg)
     ensure_shards(cfg, overwrite=overwrite_data)
     train_rows, val_rows = open_splits(cfg)
-    trainer = Trainer(cfg, say=say)  # mesh and divisibility errors surface here, before compiling
-    steps = total_steps(cfg, train_rows.num_rows)
+    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows))  # mesh errors: before compiling
     if jax.process_index() == 0:
         say(f"{'resuming' if resuming else 'training'} {cfg.model.preset} ({cfg.model.n_layer} layers, "
-            f"{cfg.model.n_embd} wide) for {steps} steps of {cfg.train.batch_size}x{cfg.data.seq_len} tokens "
-            f"on {jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(trainer.mesh.shape)}")
-    result = trainer.fit(train_rows, val_rows, steps)
+            f"{cfg.model.n_embd} wide) for {builder.total_steps} steps of {cfg.train.batch_size}x"
+            f"{cfg.data.seq_len} tokens on {jax.device_count()} {jax.devices()[0].platform} device(s), "
+            f"mesh {dict(builder.mesh.shape)}")
+    result = Trainer(cfg, builder, say=say).fit(train_rows, val_rows)
     if result.get("preempted"):
         return result
-    if cfg.train.export_dir:
+    if cfg.train.export_dir and jax.process_index() == 0:
         out, diff = export_run(cfg.train.run_dir, cfg.train.export_dir, overwrite=True)
         result["export_dir"] = str(out)
         say(f"exported to {out} (transformers reload checked, max logit diff {diff:.1e})")
     if cfg.train.sample_prompts and jax.process_index() == 0:
-        from flax_gpt.generate import sample_run
-
-        texts = sample_run(cfg.train.run_dir, list(cfg.train.sample_prompts),
-                           max_new_tokens=cfg.train.sample_max_new_tokens, seed=cfg.train.seed)
+        model = load_model(run_dir=cfg.train.run_dir)
+        texts = model.generate(list(cfg.train.sample_prompts), max_new_tokens=cfg.train.sample_max_new_tokens,
+                               seed=cfg.train.seed, top_p=0.95)
         for prompt, text in zip(cfg.train.sample_prompts, texts):
             say(f"\n--- sample: {prompt!r}\n{text}")
     return result
@@ -72,40 +76,58 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
 
 def evaluate_run(run_dir: str | Path, *, step=None) -> dict:
     """`flax-gpt eval`: {step, val_loss, perplexity, tokens} over the whole validation split."""
-    from flax_gpt.run import load_params, read_run_config
-    from flax_gpt.trainer import Trainer
-
     cfg = read_run_config(run_dir)
-    trainer = Trainer(cfg.replace(mesh={"data": -1, "fsdp": 1, "tensor": 1}))
-    _, params, chosen, _ = load_params(run_dir, step, mesh=trainer.mesh)
+    mesh = make_mesh(MeshConfig())
+    _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
     _, val_rows = open_splits(cfg)
-    return {"step": chosen, **trainer.evaluate(params, val_rows)}
+    evaluator = Evaluator(cfg.model, mesh, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                          document_mask=cfg.data.document_mask, packing=cfg.data.packing)
+    return {"step": chosen, **evaluator.evaluate(params, val_rows)}
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, step=None, dtype: str = "float32",
-               overwrite: bool = False) -> tuple[Path, float]:
-    """`flax-gpt export`: HF folder with model card; reloaded with transformers and compared."""
-    from flax_gpt.hf_io import check_export_target, export_hf, verify_export
-    from flax_gpt.model import GPT2
-    from flax_gpt.publish import model_card
-    from flax_gpt.run import load_params
+def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> tuple[Config, int]:
+    """`flax-gpt import-hf`: an HF folder or Hub id -> a run directory with a weights-only step-0
+    checkpoint. The run directory must be new or empty."""
+    storage.check_output(run_dir, "run")
+    base = base or Config()
+    model_cfg, params = load_hf(src, abstract_params, dtype=base.model.dtype, pad_vocab_to=base.model.pad_vocab_to)
+    cfg = base.replace(model={**dataclasses.asdict(model_cfg), "init_from": src},
+                       train={"run_dir": str(run_dir)},
+                       data={"seq_len": min(base.data.seq_len, model_cfg.n_positions)}).validate()
+    ckpt = Checkpointer(run_dir, async_save=False)
+    try:
+        ckpt.save(0, params, meta={"source": src})
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    commit_config(cfg)
+    return cfg, sum(v.size for v in jax.tree.leaves(params))
 
-    check_export_target(Path(out), overwrite)  # fail before loading anything
-    cfg, params, chosen, meta = load_params(run_dir, step)
-    host = jax.device_get(params)
-    if dtype == "bfloat16":  # compare against exactly the weights transformers will read
-        import ml_dtypes
 
-        host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), host)
-    fp32 = dataclasses.replace(cfg.model, dtype="float32")
-    apply = jax.jit(lambda p, t: GPT2(fp32).apply({"params": p}, t))
-    diffs = []
-
-    def check(folder):
-        diffs.append(verify_export(folder, lambda t: apply(host, t), cfg.model, atol=2e-3))
-
-    extra = {"README.md": model_card(run_dir, cfg, chosen, meta),
-             "training_config.json": json.dumps(cfg.to_dict(), indent=2)}
-    path = export_hf(host, cfg.model, out, tokenizer=cfg.data.tokenizer, dtype=dtype, overwrite=overwrite,
-                     extra_files=extra, check=check)
-    return path, diffs[0]
+def transformers_generate(*, run_dir=None, hf=None, step=None, prompts: list[str], num_samples: int = 1,
+                          max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                          greedy: bool = False, seed: int = 0) -> list[str]:
+    """The same sampling through transformers' `pipeline("text-generation")` on the HF folder (a
+    run is exported to a temporary folder first): the reference the JAX sampler is compared with."""
+    require_torch()
+    with tempfile.TemporaryDirectory(prefix="flax_gpt-generate-") as tmp:
+        if hf is not None:
+            if step is not None:
+                raise ConfigError("--step selects a checkpoint of a run directory; it does not apply to --hf")
+            folder = resolve_source(str(hf))
+        else:
+            folder, _ = export_run(run_dir, Path(tmp) / "export", step=step)
+        vocab = json.loads((Path(folder) / "config.json").read_text()).get("vocab_size", 0)
+        tokenizer = folder_tokenizer(Path(folder), vocab).hf()
+        transformers.set_seed(seed)
+        generator = transformers.pipeline("text-generation", model=str(folder), tokenizer=tokenizer, device="cpu")
+        eos = generator.tokenizer.eos_token_id
+        greedy = greedy or temperature == 0
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=eos, do_sample=not greedy)
+        if not greedy:
+            kw.update(temperature=temperature, top_k=top_k, top_p=top_p, num_return_sequences=num_samples)
+        out = []
+        for prompt in prompts:  # one prompt at a time: no pad-token batching surprises
+            got = [d["generated_text"] for d in generator(prompt, **kw)]
+            out += got if not greedy else got * num_samples  # greedy samples are all the same
+        return out

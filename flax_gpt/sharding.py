@@ -11,9 +11,11 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_gpt.config import ConfigError, MeshConfig
+from flax_gpt.config import MeshConfig
+from flax_gpt.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -54,11 +56,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(cfg, len(devices))
-    try:
-        # Physical-topology-aware order on TPU/GPU; all processes must use the same order.
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - CPU and unusual topologies: plain order is fine
-        grid = np.asarray(devices).reshape(shape)
+    grid = np.asarray(devices).reshape(shape)
+    if devices[0].platform != "cpu":  # physical-topology-aware order on TPU/GPU (the same on every process)
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):  # a shape the topology cannot tile
+            pass
     return Mesh(grid, AXES)
 
 

@@ -27,7 +27,8 @@ if nproc > 1:
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from flax_gpt.data import EvalLoader, TrainLoader, open_split  # noqa: E402
+from flax_gpt.data.loader import EvalLoader, TrainLoader  # noqa: E402
+from flax_gpt.data.shards import open_split  # noqa: E402
 
 assert jax.device_count() == 4, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.data import DataError, EvalLoader, TrainLoader, make_batch, open_split, prepare_shards
+from flax_gpt.errors import DataError
+from flax_gpt.data.loader import EvalLoader, TrainLoader, make_batch
+from flax_gpt.data.shards import open_split
+from flax_gpt.data.prepare import prepare_shards
 
 EOS = 50256
 

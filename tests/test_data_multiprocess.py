@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.config import DataConfig
-from flax_gpt.data import prepare_shards
+from flax_gpt.data.prepare import prepare_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "mp_loader_worker.py"

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.data import DataError, describe_stats, load_tokenizer, open_split, prepare_shards
+from flax_gpt.errors import DataError
+from flax_gpt.data.stats import describe_stats
+from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.data.shards import open_split
+from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data.prepare import split_documents
 from flax_gpt.data.synthetic import generate_table
 
@@ -178,7 +182,7 @@ def test_reuse_and_overwrite(tmp_path):
 
     new = prepare_shards(changed, overwrite=True, log=quiet)
     assert new["seq_len"] == 128 and new["fingerprint"] != first["fingerprint"]
-    listed = {e["file"] for s in new["splits"].values() for e in s["shards"]} | {"manifest.json"}
+    listed = {e["file"] for s in new["splits"].values() for e in s["shards"]} | {"manifest.json", ".flax_gpt.json"}
     assert {p.name for p in shards.iterdir()} == listed  # stale shards removed, no tmp files
     assert open_split(shards, "train", seq_len=128).num_rows == new["splits"]["train"]["rows"]
 

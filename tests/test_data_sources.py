@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.data import DataError, prepare_shards
+from flax_gpt.errors import DataError
+from flax_gpt.data.prepare import prepare_shards
+from flax_gpt import storage
 from flax_gpt.data import sources
 from flax_gpt.data.sources import read_documents, resolve_source
 
@@ -101,9 +103,8 @@ def test_source_resolution_rules(tmp_path, monkeypatch):
 
 
 def test_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
-    from flax_gpt.data import tokenizer
 
-    monkeypatch.setattr(tokenizer, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: False)
     cfg = cfg_for("someone/some-dataset", tmp_path)
     with pytest.raises(DataError, match="Hub is unreachable.*point data.source at local files"):
         prepare_shards(cfg, log=quiet)
@@ -175,7 +176,7 @@ def test_data_path_never_imports_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys; from flax_gpt.data import prepare_shards, TrainLoader, open_split; "
+    code = ("import sys; from flax_gpt.data.prepare import prepare_shards; from flax_gpt.data.loader import TrainLoader; "
             "import flax_gpt.data.prepare, flax_gpt.data.loader; "
             "print(sorted(m for m in ('jax', 'transformers', 'datasets', 'pandas', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
@@ -186,7 +187,6 @@ def test_data_path_never_imports_heavy_libraries():
 
 def test_hub_code_path_calls_load_dataset_with_config(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    from flax_gpt.data import tokenizer
 
     calls = []
 
@@ -194,7 +194,7 @@ def test_hub_code_path_calls_load_dataset_with_config(tmp_path, monkeypatch):
         calls.append((path, name, split, revision))
         return datasets.Dataset.from_dict({"title": ["t1", "t2"], "abstract": ["Hub doc one.", "Hub  doc two."]})
 
-    monkeypatch.setattr(tokenizer, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs = read_documents(cfg_for("CShorten/ML-ArXiv-Papers", hf_split="train[:2]", hf_revision="abc123"))
     assert calls == [("CShorten/ML-ArXiv-Papers", None, "train[:2]", "abc123")]

@@ -12,9 +12,8 @@ import pytest
 
 from conftest import params_from_torch, tiny_model_config, torch_reference
 from flax_gpt.config import ConfigError
-from flax_gpt.generate import (compiled_sampler, decode_step, decoding_params, filter_top_k, filter_top_p,
-                               generate_tokens, left_pad, prefill, sample_logits)
-from flax_gpt.model import GPT2
+from flax_gpt.generate import compiled_sampler, decode_step, decoding_params, filter_top_k, filter_top_p, generate_tokens, left_pad, prefill, sample_logits
+from flax_gpt.model.gpt2 import GPT2
 
 EOS = 50256
 PROMPT_LENS = (1, 5, 13, 24)  # different lengths in one batch: exercises padding, positions, masks
@@ -288,7 +287,7 @@ import jax
 from conftest import params_from_torch, tiny_model_config, torch_reference
 from flax_gpt.config import MeshConfig
 from flax_gpt.generate import generate_tokens
-from flax_gpt.model import abstract_params
+from flax_gpt.model.gpt2 import abstract_params
 from flax_gpt.sharding import make_mesh, param_shardings
 
 cfg = tiny_model_config(pad_vocab_to=128)  # a vocab the mesh axes divide

@@ -51,37 +51,43 @@ def test_import_export_round_trip_is_bit_exact(hf_folder, tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
 
 
-def test_export_refuses_non_empty_folder_and_keeps_it(hf_folder, tmp_path):
+def test_export_never_replaces_a_folder_it_did_not_write(hf_folder, tmp_path):
     run = tmp_path / "run"
     assert main(["import-hf", str(hf_folder), "--out", str(run)]) == 0
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = _cli("export", run, "--out", out)
-    assert r.returncode == 2 and "not empty" in r.stderr and "--overwrite" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert (out / "keep.txt").read_text() == "mine"
-    assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    for extra in ([], ["--overwrite"]):  # a foreign folder is refused, --overwrite or not
+        r = _cli("export", run, "--out", out, *extra)
+        assert r.returncode == 2 and "not written by flax-gpt" in r.stderr and "keep.txt" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "mine"
+    assert main(["export", str(run), "--out", str(mine)]) == 0
+    r = _cli("export", run, "--out", mine)  # an earlier export is replaced only when asked
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert main(["export", str(run), "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "model.safetensors").is_file()
 
 
 def test_export_check_catches_an_unfaithful_export(hf_folder, tmp_path, monkeypatch):
     """The reload check compares real logits: a corrupted weight fails it and nothing is written."""
-    from flax_gpt import hf_io, pipeline
-    from flax_gpt.run import import_hf_to_run
+    from flax_gpt import pipeline
+    from flax_gpt.errors import HFError
+    from flax_gpt.export import hf_folder as export_mod
 
     run = tmp_path / "run"
-    import_hf_to_run(str(hf_folder), run)
-    real = hf_io.to_hf_state_dict
+    pipeline.import_hf(str(hf_folder), run)
+    real = export_mod.to_hf_state_dict
 
     def corrupt(params, cfg):
         sd = real(params, cfg)
         sd["transformer.ln_f.bias"] = sd["transformer.ln_f.bias"] + 0.5
         return sd
 
-    monkeypatch.setattr(hf_io, "to_hf_state_dict", corrupt)
-    with pytest.raises(hf_io.HFError, match="export check failed"):
-        pipeline.export_run(run, tmp_path / "bad")
+    monkeypatch.setattr(export_mod, "to_hf_state_dict", corrupt)
+    with pytest.raises(HFError, match="export check failed"):
+        export_mod.export_run(run, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 

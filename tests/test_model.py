@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from conftest import params_from_torch, tiny_model_config, torch_reference
-from flax_gpt.model import GPT2, abstract_params, transpose_kernels
+from flax_gpt.model.gpt2 import GPT2, abstract_params, transpose_kernels
 
 torch = pytest.importorskip("torch")
 
@@ -43,7 +43,7 @@ def test_forward_loss_and_gradients_match_transformers(shape):
     loss, grads = jax.value_and_grad(_jax_loss)(params, cfg, tokens)
     assert abs(float(loss) - out.loss.item()) <= 1e-5
     out.loss.backward()
-    from flax_gpt.hf_io import to_hf_state_dict
+    from flax_gpt.model.hf import to_hf_state_dict
 
     ours_g = to_hf_state_dict(grads, cfg)
     ref_g = {n: p.grad.numpy() for n, p in ref.named_parameters()}

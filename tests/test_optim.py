@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import OptimConfig, build_config
-from flax_gpt.optim import build_optimizer, decay_mask, make_schedule
+from flax_gpt.train.optim import build_optimizer, decay_mask, make_schedule
 
 STEPS = np.unique(np.concatenate([np.arange(0, 40), np.arange(0, 5000, 37), [999, 1000, 1001, 4999]]))
 
@@ -43,11 +43,11 @@ def _schedule_cfg(**kw) -> OptimConfig:
 def test_schedule_matches_reference_formula_on_traced_steps(kw):
     cfg = _schedule_cfg(**kw)
     # vmap under jit: the step is a traced int32, as inside the train step.
-    ours = np.asarray(jax.jit(jax.vmap(make_schedule(cfg)))(jnp.asarray(STEPS, jnp.int32)))
+    ours = np.asarray(jax.jit(jax.vmap(make_schedule(cfg, 5000)))(jnp.asarray(STEPS, jnp.int32)))
     ref = np.array([reference_lr(int(s), cfg) for s in STEPS])
     np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=0)
     # A plain Python int step (e.g. for logging) gives the same value.
-    assert float(make_schedule(cfg)(1001)) == pytest.approx(reference_lr(1001, cfg), rel=2e-6)
+    assert float(make_schedule(cfg, 5000)(1001)) == pytest.approx(reference_lr(1001, cfg), rel=2e-6)
 
 
 @pytest.mark.parametrize("kw", SCHEDULE_CASES, ids=lambda kw: f"stair{kw['staircase']}-warm{kw['warmup_steps']}")
@@ -60,10 +60,72 @@ def test_schedule_matches_keras_exponential_decay(kw):
     )
     w = cfg.warmup_steps
     after = STEPS[STEPS >= w]
-    ours = np.asarray(jax.vmap(make_schedule(cfg))(jnp.asarray(after, jnp.int32)))
+    ours = np.asarray(jax.vmap(make_schedule(cfg, 5000))(jnp.asarray(after, jnp.int32)))
     # Keras has no warmup: after ours' warmup, its clock is shifted by warmup_steps.
     ref = np.asarray(keras_sched(after - w))  # Keras' own float32 arithmetic, all steps at once
     np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other schedules against transformers' own LambdaLR schedules (torch), step by step.
+
+TOTAL, WARMUP = 400, 30
+
+
+def _transformers_lrs(name: str, cfg: OptimConfig) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    from transformers import optimization as topt
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    make = {
+        "cosine": lambda: topt.get_cosine_with_min_lr_schedule_with_warmup(
+            opt, WARMUP, TOTAL, min_lr_rate=cfg.min_lr_ratio),
+        "linear": lambda: topt.get_linear_schedule_with_warmup(opt, WARMUP, TOTAL),
+        "constant": lambda: topt.get_constant_schedule_with_warmup(opt, WARMUP),
+        "wsd": lambda: topt.get_wsd_schedule(opt, WARMUP, int(cfg.decay_fraction * TOTAL), TOTAL,
+                                             decay_type="linear", min_lr_ratio=cfg.min_lr_ratio),
+    }[name]
+    sched = make()
+    lrs = []
+    for _ in range(TOTAL + 5):  # LambdaLR's lr for optimizer step k is lambda(k): read, then step
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(lrs)
+
+
+@pytest.mark.parametrize("name,min_ratio", [("cosine", 0.0), ("cosine", 0.1), ("linear", 0.0),
+                                            ("constant", 0.0), ("wsd", 0.0)])
+def test_schedules_match_transformers(name, min_ratio):
+    cfg = OptimConfig(schedule=name, learning_rate=3e-4, warmup_steps=WARMUP, min_lr_ratio=min_ratio,
+                      decay_fraction=0.25)
+    ours = np.asarray(jax.jit(jax.vmap(make_schedule(cfg, TOTAL)))(jnp.arange(TOTAL + 5, dtype=jnp.int32)))
+    ref = _transformers_lrs(name, cfg)
+    np.testing.assert_allclose(ours[: TOTAL + 1], ref[: TOTAL + 1], rtol=1e-5, atol=1e-10)
+    # Past the run's end ours holds the final rate (transformers' cosine would start rising again).
+    assert np.all(ours[TOTAL:] == ours[TOTAL])
+    assert ours[0] == 0.0 and ours[WARMUP] == pytest.approx(3e-4)  # warmup starts at 0, peaks once
+
+
+def test_cosine_matches_torch_cosine_annealing_after_warmup():
+    torch = pytest.importorskip("torch")
+    cfg = OptimConfig(schedule="cosine", learning_rate=1e-3, warmup_steps=0, min_lr_ratio=0.05)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=TOTAL, eta_min=cfg.learning_rate * 0.05)
+    ref = []
+    for _ in range(TOTAL + 1):
+        ref.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = np.asarray(jax.vmap(make_schedule(cfg, TOTAL))(jnp.arange(TOTAL + 1, dtype=jnp.int32)))
+    np.testing.assert_allclose(ours, np.array(ref), rtol=1e-5)
+
+
+def test_schedule_registry_is_the_configs_choice_list():
+    from flax_gpt.config import SCHEDULES as CONFIG_SCHEDULES
+    from flax_gpt.train.optim import SCHEDULES
+
+    assert tuple(SCHEDULES) == CONFIG_SCHEDULES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +200,7 @@ def make_grads(params: dict, step: int, rng_seed=1) -> dict:
 
 
 def run_optax(cfg: OptimConfig, params: dict, n_steps: int) -> dict:
-    tx = build_optimizer(cfg)
+    tx = build_optimizer(cfg, 1000)
     params = jax.tree.map(jnp.asarray, params)
     state = tx.init(params)
     for t in range(n_steps):
@@ -203,7 +265,7 @@ def test_decoupled_weight_decay_is_p_minus_lr_wd_p():
     torch = pytest.importorskip("torch")
     cfg = _parity_cfg(clip_norm=0.0)
     params = jax.tree.map(jnp.asarray, gpt2_tree(np.random.default_rng(0)))
-    tx = build_optimizer(cfg)
+    tx = build_optimizer(cfg, 1000)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     ours = jax.tree.map(lambda p, u: np.asarray(p + u), params, updates)

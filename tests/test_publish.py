@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 from flax_gpt.config import build_config
-from flax_gpt.hf_io import HFError
-from flax_gpt.publish import model_card, push_to_hub
+from flax_gpt.errors import HFError
+from flax_gpt.export.card import model_card
+from flax_gpt.export.hub import push_to_hub
 
 SECRET = "hf_standInSecretToken0123456789abcdef"
 
@@ -194,10 +195,10 @@ def test_unreachable_hub_is_one_line_and_keeps_the_folder(tmp_path, capfd):
 def test_cli_export_push_error_is_one_line(tmp_path, capfd, monkeypatch):
     """`flax-gpt export --push-to-hub` surfaces a Hub failure as `error: ...` and exit 2."""
     import flax_gpt.cli as cli
-    import flax_gpt.pipeline as pipeline
+    import flax_gpt.export.hf_folder as hf_folder
 
     folder = _export_folder(tmp_path)
-    monkeypatch.setattr(pipeline, "export_run", lambda *a, **k: (folder, 0.0))
+    monkeypatch.setattr(hf_folder, "export_run", lambda *a, **k: (folder, 0.0))
     import huggingface_hub.constants as hc
 
     # HF_ENDPOINT is read when huggingface_hub is imported; patch the value it was read into.
@@ -247,7 +248,7 @@ def test_model_card_synthetic_run(tmp_path):
 def test_model_card_hub_dataset_and_manifest(tmp_path):
     run, cfg = _run_dir(tmp_path, source="CShorten/ML-ArXiv-Papers")
     (tmp_path / "shards").mkdir()
-    manifest = {"source": {"description": "Hugging Face dataset CShorten/ML-ArXiv-Papers, split train",
+    manifest = {"format_version": 1, "source": {"description": "Hugging Face dataset CShorten/ML-ArXiv-Papers, split train",
                            "synthetic": False}, "stats": {"documents": 117592, "tokens": {"mean": 250.0}},
                 "splits": {"train": {"tokens": 28_000_000, "documents": 111_700},
                            "val": {"tokens": 1_400_000, "documents": 5_892}}}
@@ -271,7 +272,7 @@ def test_model_card_without_eval(tmp_path):
 
 
 def test_model_card_reads_a_real_manifest(tmp_path):
-    from flax_gpt.data import prepare_shards
+    from flax_gpt.data.prepare import prepare_shards
 
     run, cfg = _run_dir(tmp_path, synthetic_docs=40, seq_len=64)
     manifest = prepare_shards(cfg.data)

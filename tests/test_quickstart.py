@@ -29,7 +29,8 @@ def test_quickstart_end_to_end(tmp_path):
     for prompt in ("the role of recommender systems", "clustering", "transformers for text generation"):
         assert f"--- sample: {prompt!r}" in r.stdout
     result = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("{")))
-    assert result["step"] == 6 and result["export_dir"].endswith("hf")
+    assert result["step"] == 6 and result["export_dir"] == "exports/quickstart"
+    export = tmp_path / "exports" / "quickstart"
 
     # Checkpoints at 3 and 6, metrics with train and eval lines, real TensorBoard event files.
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
@@ -44,11 +45,11 @@ def test_quickstart_end_to_end(tmp_path):
     # The export loads in transformers with no missing keys and generates through the pipeline.
     from transformers import GPT2LMHeadModel, pipeline
 
-    model, info = GPT2LMHeadModel.from_pretrained(run / "hf", output_loading_info=True)
+    model, info = GPT2LMHeadModel.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    out = pipeline("text-generation", model=str(run / "hf"))("clustering", max_new_tokens=5, do_sample=False)
+    out = pipeline("text-generation", model=str(export))("clustering", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("clustering")
-    card = (run / "hf" / "README.md").read_text()
+    card = (export / "README.md").read_text()
     assert "synthetic" in card.lower()
 
     # eval verb agrees with the last evaluation of training.

@@ -46,7 +46,7 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(trained) -> Path:
-    from flax_gpt.report import write_report
+    from flax_gpt.report.report import write_report
 
     index = write_report(trained, samples=2, max_new_tokens=16, say=lambda _: None)
     assert index == trained / "report" / "index.html"
@@ -112,7 +112,7 @@ def test_index_shows_images_metrics_and_samples(report, trained):
 
     summary = json.loads((report.parent / "summary.json").read_text())
     assert summary["val_loss"] == last_eval["val_loss"]
-    from flax_gpt.report import DEFAULT_PROMPTS
+    from flax_gpt.report.report import DEFAULT_PROMPTS
 
     assert list(summary["samples"]) == list(DEFAULT_PROMPTS)
     for prompt, texts in summary["samples"].items():
@@ -124,8 +124,8 @@ def test_index_shows_images_metrics_and_samples(report, trained):
 def test_edge_cases_no_eval_repeated_step_relative_shards_escaped_samples(trained, tmp_path, monkeypatch):
     """A run with one step, no eval, a repeated (resumed) step and shards recorded relative to the
     directory training ran in; samples with markup must be escaped."""
-    from flax_gpt import generate
-    from flax_gpt.report import write_report
+    from flax_gpt.report import report as report_mod
+    from flax_gpt.report.report import write_report
 
     base = tmp_path / "project"
     run = base / "runs" / "edge"
@@ -135,8 +135,11 @@ def test_edge_cases_no_eval_repeated_step_relative_shards_escaped_samples(traine
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     first = {"step": 1, "loss": 10.5, "lr": 0.0, "grad_norm": 1.0, "tokens_seen": 128}
     (run / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps({**first, "loss": 9.25}) + "\n")
-    monkeypatch.setattr(generate, "sample_run",
-                        lambda run_dir, prompts, *, num_samples, **kw: ["<script>x & y</script>"] * len(prompts))
+    class Fake:
+        def generate(self, prompts, *, num_samples, **kw):
+            return ["<script>x & y</script>"] * len(prompts) * num_samples
+
+    monkeypatch.setattr(report_mod, "load_model", lambda **kw: Fake())
     monkeypatch.chdir(tmp_path)  # not `base`: the shards must be found through the run directory
 
     index = write_report(run, samples=1, say=lambda _: None)
@@ -150,7 +153,7 @@ def test_edge_cases_no_eval_repeated_step_relative_shards_escaped_samples(traine
 
 def test_missing_metrics_is_a_one_line_config_error(trained, tmp_path):
     from flax_gpt.config import ConfigError
-    from flax_gpt.report import write_report
+    from flax_gpt.report.report import write_report
 
     run = tmp_path / "fresh"
     run.mkdir()

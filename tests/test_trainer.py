@@ -133,14 +133,14 @@ def test_state_shardings_are_derived_and_preserved(shards, tmp_path):
     code = f"""
 import jax, json
 from flax_gpt.config import load_config
-from flax_gpt.trainer import Trainer
-from flax_gpt.pipeline import open_splits
+from flax_gpt.train.state import StateBuilder
+from flax_gpt.train.inputs import open_splits
 cfg = load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, {BASE!r} + ["data.shards_dir={shards}",
       "train.run_dir={tmp_path / 'r'}", "model.pad_vocab_to=128", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-t = Trainer(cfg)
-state = t.init_state()
+t = StateBuilder(cfg, 10)
+state = t.fresh()
 train_rows, _ = open_splits(cfg)
-from flax_gpt.data import TrainLoader
+from flax_gpt.data.loader import TrainLoader
 batch = TrainLoader(train_rows, global_batch=8, seed=0, document_mask=False, packing="pack", sharding=t.batch_sh).global_batch(0)
 before = jax.tree.map(lambda x: x.sharding, state)
 new, _ = t.step_fn(state, batch)

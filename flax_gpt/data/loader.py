@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from flax_gpt.data import DataError
+from flax_gpt.errors import DataError
 from flax_gpt.data.shards import TokenRows
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -188,7 +188,7 @@ def local_rows(sharding, global_batch: int, seq_len: int) -> np.ndarray:
 
 def to_global(batch: dict[str, np.ndarray], sharding, global_shape: tuple[int, int]):
     """THE host->device boundary: process-local numpy -> global jax.Array per key."""
-    import jax  # the data path's only jax use
+    import jax  # deferred: the data path's only jax use, so preparing data never loads jax
 
     if sharding is None:
         return {k: jax.device_put(v) for k, v in batch.items()}
@@ -270,10 +270,6 @@ class TrainLoader:
         self._constant_keys = () if self.packing == "pad" else (
             ("loss_mask",) if self.document_mask else CONSTANT_KEYS)
         self._constants: dict | None = None
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.num_rows / self.global_batch_size
 
     def permutation(self, epoch: int) -> np.ndarray:
         with self._lock:

@@ -13,8 +13,7 @@ Split: a seeded permutation of document indices (`np.random.default_rng([split_s
 round(N * val_fraction) documents (at least 1 when val_fraction > 0 and N > 1) into `val`; each
 split then keeps source order. A document is in exactly one split.
 
-Run as `python -m flax_gpt.data.prepare CONFIG [section.key=value ...] [--overwrite] [--verify]`
-(the CLI's `flax-gpt prepare` calls `prepare_shards` the same way).
+`flax-gpt prepare CONFIG [section.key=value ...] [--overwrite] [--verify]` runs it.
 """
 
 from __future__ import annotations
@@ -22,20 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from flax_gpt.data import DataError
+from flax_gpt import storage
+from flax_gpt.errors import DataError
 from flax_gpt.data.shards import (
     FORMAT_VERSION, MANIFEST_NAME, check_all_shards, read_manifest, shard_name, token_dtype,
     write_manifest, write_shard,
 )
 from flax_gpt.data.sources import DocumentStream, source_fingerprint
-from flax_gpt.data.stats import corpus_stats, describe_stats, word_counts
+from flax_gpt.data.stats import corpus_stats, word_counts
 from flax_gpt.data.tokenizer import load_tokenizer
 
 SPLITS = ("train", "val")
@@ -137,6 +136,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     log = log or (lambda *_: None)
     cfg.validate()
     out = Path(cfg.shards_dir)
+    storage.check_output(out, "shards", reuse=True)
     source_fp, description, synthetic = source_fingerprint(cfg)  # resolves the source: fails early
     tokenizer = load_tokenizer(cfg.tokenizer)
     settings = prepare_settings(cfg, tokenizer, source_fp)
@@ -173,7 +173,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     is_val = split_documents(len(texts), cfg.val_fraction, cfg.split_seed)
     token_is_val = np.repeat(is_val, lengths)
 
-    out.mkdir(parents=True, exist_ok=True)
+    storage.mark(out, "shards")
     if old is not None:  # overwrite: the old manifest goes first so it never describes new shards
         (out / MANIFEST_NAME).unlink()
     splits = {}
@@ -229,28 +229,3 @@ def _remove_stale(out: Path, old: dict | None, new: dict) -> None:
         except FileNotFoundError:
             pass
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flax_gpt.data.prepare CONFIG [overrides] [--overwrite] [--verify] [--quiet]`."""
-    from flax_gpt.config import load_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    flags = {a for a in args if a.startswith("--")}
-    rest = [a for a in args if not a.startswith("--")]
-    path = rest[0] if rest and "=" not in rest[0] else None
-    overrides = rest[1:] if path is not None else rest
-    try:
-        cfg = load_config(path, overrides)
-        manifest = prepare_shards(cfg.data, overwrite="--overwrite" in flags, verify="--verify" in flags,
-                                  log=None if "--quiet" in flags else print)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if "--quiet" not in flags:
-        print(describe_stats(manifest))
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flax_gpt.data import DataError
+from flax_gpt.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -138,15 +138,18 @@ class TokenRows:
         return int(self._starts[-1])
 
     @property
-    def num_tokens(self) -> int:
-        return self.num_rows * self.seq_len
-
-    @property
     def packing(self) -> str:
         return self.manifest["packing"]
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
     def rows(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:  # -> int32 (n, T)
-        """Rows `indices` (any order, repeats allowed) as int32, into `out` when given."""
+        """Rows `indices` (any order, repeats allowed) as int32, into `out` when given.
+
+        Token ids are range-checked on the way out (one max over the batch): an id outside the
+        tokenizer's vocabulary means a damaged shard, and the error names it."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if out is None:
             out = np.empty((idx.size, self.seq_len), dtype=np.int32)
@@ -154,13 +157,15 @@ class TokenRows:
             return out
         if idx.min() < 0 or idx.max() >= self.num_rows:
             raise IndexError(f"row index out of range [0, {self.num_rows}) in split {self.split!r}")
-        if len(self._arrays) == 1:
-            out[...] = self._arrays[0][idx]
-            return out
         shard = np.searchsorted(self._starts, idx, side="right") - 1
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             out[sel] = self._arrays[s][idx[sel] - self._starts[s]]
+        if out.max(initial=0) >= self.vocab_size:
+            bad = int(shard[np.flatnonzero((out >= self.vocab_size).any(axis=1))[0]])
+            entry = self.manifest["splits"][self.split]["shards"][bad]
+            raise DataError(f"shard {self.shards_dir / entry['file']} holds token ids >= the tokenizer's vocab "
+                            f"size {self.vocab_size} (damaged); {REPREPARE}")
         return out
 
 

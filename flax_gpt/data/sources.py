@@ -1,7 +1,7 @@
 """Where documents come from: a Hub dataset, local files, or the synthetic generator.
 
 `data.source` is resolved in this order:
-  1. "synthetic"                          -> `synthetic.generate_documents`
+  1. "synthetic"                          -> `synthetic.generate_table`
   2. an existing path or a glob that matches (a str or a list of them; a folder means every
      supported file directly inside it)    -> local files
   3. an `owner/name` id (not ending in a file suffix such as .csv)
@@ -38,10 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flax_gpt.data import DataError
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flax_gpt import storage
+from flax_gpt.data import synthetic
+from flax_gpt.errors import DataError
 
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet", ".txt")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes smuggled through by the surrogateescape codec
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
@@ -110,7 +114,7 @@ def resolve_source(source: Any) -> tuple[str, list[Path] | str]:
                             "the working directory")
         return "local", [_check_suffix(p) for p in files]
     looks_like_file = Path(text).suffix.lower() in LOCAL_SUFFIXES
-    if HUB_ID.match(text) and not looks_like_file:
+    if storage.is_hub_id(text) and not looks_like_file:
         return "hub", text
     raise DataError(f"data.source path not found: {text} (from {os.getcwd()}); fix the path, or use "
                     "synthetic, or a Hub dataset id like CShorten/ML-ArXiv-Papers")
@@ -133,8 +137,6 @@ def source_fingerprint(cfg) -> tuple[str, str, bool]:
     kind, where = resolve_source(cfg.source)
     h = hashlib.sha256()
     if kind == "synthetic":
-        from flax_gpt.data import synthetic
-
         h.update(json.dumps(["synthetic", synthetic.GENERATOR_VERSION, synthetic.SYNTHETIC_SEED,
                              cfg.synthetic_docs]).encode())
         desc = (f"synthetic: {cfg.synthetic_docs} generated ML-abstract-like documents "
@@ -185,9 +187,6 @@ def _columns_from_records(records: list, path: Path) -> dict[str, list]:
 def read_table(path: Path) -> Table:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as e:
@@ -257,16 +256,12 @@ def read_table(path: Path) -> Table:
 
 def read_hub(cfg, dataset_id: str) -> Table:
     """`datasets.load_dataset` on the Hub; offline this fails with a DataError that says so."""
-    from flax_gpt.data.tokenizer import hub_reachable
-
-    if not hub_reachable():
+    if not storage.hub_reachable():
         raise DataError(f"cannot load Hub dataset {dataset_id!r}: the Hugging Face Hub is unreachable "
                         "(offline?); point data.source at local files (csv/json/jsonl/parquet/txt) or use "
                         "synthetic (or set HF_HUB_OFFLINE=1 if the dataset is in your HF cache)")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("reading a Hub dataset needs the package datasets; `pip install datasets`") from None
+    import datasets  # deferred: heavy (pandas, fsspec); only Hub sources need it
+
     try:
         ds = datasets.load_dataset(dataset_id, name=cfg.hf_name or None, split=cfg.hf_split,
                                    revision=cfg.hf_revision or None)
@@ -288,11 +283,6 @@ def normalize(value: Any, enabled: bool) -> str:
         return ""
     s = value if isinstance(value, str) else str(value)
     return " ".join(s.split()) if enabled else s
-
-
-class _Row(dict):
-    def __missing__(self, key):  # unreachable after the up-front check; kept for safety
-        raise KeyError(key)
 
 
 def template_fields(template: str) -> list[str]:
@@ -328,7 +318,7 @@ def table_texts(table: Table, cfg) -> list[str]:
         cols = [table.columns[c] for c in needed]
         out = []
         for values in zip(*cols):
-            row = _Row(zip(needed, (normalize(v, norm) for v in values)))
+            row = dict(zip(needed, (normalize(v, norm) for v in values)))
             out.append(cfg.template.format_map(row))
         return out
     column = cfg.text_column
@@ -365,9 +355,7 @@ class DocumentStream:
 
     def __iter__(self):
         if self.synthetic:
-            from flax_gpt.data.synthetic import generate_table
-
-            tables = iter([Table(generate_table(self.cfg.synthetic_docs), "synthetic")])
+            tables = iter([Table(synthetic.generate_table(self.cfg.synthetic_docs), "synthetic")])
         else:
             tables = iter_tables(self.cfg)
         for table in tables:

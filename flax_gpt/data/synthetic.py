@@ -212,6 +212,3 @@ def generate_table(n: int, seed: int = SYNTHETIC_SEED) -> dict[str, list[str]]:
         abstracts.append(a)
     return {"title": titles, "abstract": abstracts}
 
-
-def generate_documents(n: int, seed: int = SYNTHETIC_SEED) -> list[str]:
-    return generate_table(n, seed)["abstract"]

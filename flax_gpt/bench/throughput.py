@@ -25,8 +25,13 @@ from pathlib import Path
 
 import jax
 
-from flax_gpt import flops
+from flax_gpt.bench.torch_baseline import measure_torch_baseline
 from flax_gpt.config import Config
+from flax_gpt.data.loader import TrainLoader
+from flax_gpt.model import flops
+from flax_gpt.train.inputs import ensure_shards, open_splits
+from flax_gpt.train.state import StateBuilder, total_steps
+from flax_gpt.train.trainer import Trainer
 
 
 def _device_memory_peak() -> int | None:
@@ -39,19 +44,15 @@ def _device_memory_peak() -> int | None:
 
 def measure_step(cfg: Config, *, steps: int, warmup: int) -> dict:
     """Compile time and per-step times (median as the step time) of the bare jitted train step."""
-    from flax_gpt.data import TrainLoader
-    from flax_gpt.pipeline import ensure_shards, open_splits
-    from flax_gpt.trainer import Trainer
-
     ensure_shards(cfg)
     train_rows, _ = open_splits(cfg)
-    trainer = Trainer(cfg, say=lambda *_: None)
-    state = trainer.init_state()
+    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows))
+    state = builder.fresh()
     loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
-                         document_mask=cfg.data.document_mask, packing=cfg.data.packing, sharding=trainer.batch_sh)
+                         document_mask=cfg.data.document_mask, packing=cfg.data.packing, sharding=builder.batch_sh)
     batches = [loader.global_batch(i) for i in range(min(4, warmup + steps))]
     t0 = time.perf_counter()
-    compiled = trainer.step_fn.lower(state, batches[0]).compile()
+    compiled = builder.step_fn.lower(state, batches[0]).compile()
     compile_time = time.perf_counter() - t0
     times = []
     for i in range(warmup + steps):
@@ -68,14 +69,12 @@ def measure_loop(cfg: Config, *, steps: int) -> dict:
     """Tokens/s of the full training loop (Trainer.fit) on the same shapes, in a scratch run dir.
 
     Median step time, as the bare step; the mean is kept alongside."""
-    from flax_gpt.pipeline import open_splits
-    from flax_gpt.trainer import Trainer
-
     with tempfile.TemporaryDirectory() as tmp:
         loop_cfg = cfg.replace(train={"run_dir": tmp, "progress": False, "eval_every": 0},
                                checkpoint={"every": 0})
         train_rows, val_rows = open_splits(loop_cfg)
-        out = Trainer(loop_cfg, say=lambda *_: None).fit(train_rows, val_rows, steps, final_eval=False)
+        builder = StateBuilder(loop_cfg, steps)
+        out = Trainer(loop_cfg, builder, say=lambda *_: None).fit(train_rows, val_rows, final_eval=False)
     median = out.get("step_time_median_s")
     tokens = cfg.train.batch_size * cfg.data.seq_len
     return {"tokens_per_sec": tokens / median if median else None, "step_time_s": median,
@@ -126,8 +125,6 @@ def _baseline(cfg: Config, mode: str, *, steps: int, warmup: int, ours: float) -
     """transformers GPT2LMHeadModel + torch AdamW on the same shapes: eager and/or torch.compile."""
     if mode == "none":
         return None
-    from flax_gpt.torch_baseline import measure_torch_baseline
-
     runs = {}
     for name in (("eager", "compile") if mode == "both" else (mode,)):
         runs[name] = measure_torch_baseline(

@@ -1,51 +1,67 @@
 """Orbax checkpoints of a run: `RUN_DIR/checkpoints/<step>/{params,train,meta}`
 (`train` = optimizer state and RNG; absent in an imported step-0 checkpoint).
 
-Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it on commit, so
-an interrupted save is never listed as a step). Kept: the newest `keep` plus the best by
-validation loss. Restores take an abstract target carrying shardings, so a checkpoint written on
-one mesh loads onto any other (Orbax reshards on read).
+Saves are asynchronous and atomic: Orbax writes to a temporary folder and commits it when
+complete, so an interrupted save (a kill, a full disk) is never listed as a step, the previous
+checkpoints stay intact, and the temporary folder is removed when the next run opens the folder.
+Kept: the newest `keep` plus the best by validation loss. Restores take an abstract target
+carrying shardings, so a checkpoint written on one mesh loads onto any other (Orbax reshards).
+Nothing is created on disk until the first save.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-log = logging.getLogger(__name__)
+from flax_gpt.errors import CheckpointError, StorageError
+
+DAMAGED_DIR = "damaged_checkpoints"
 
 
-class CheckpointError(ValueError):
-    """No usable checkpoint where one was expected."""
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, *, keep: int = 3, keep_best: bool = True,
                  async_save: bool = True, read_only: bool = False):
         self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.read_only = read_only
         keep_policies = [policies.LatestN(n=max(1, keep))]
         if keep_best:
             # BestN keeps the *last* n of an ascending sort; reverse=True makes that the lowest loss.
             keep_policies.append(policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                                                 keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed or ran out of space
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager: ocp.CheckpointManager | None = None
+        self._last_saved: int | None = None
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return self._manager
 
     def steps(self) -> list[int]:
+        if self._manager is None and not self.directory.is_dir():
+            return []
         return sorted(self.manager.all_steps(read=True))
 
     def best_step(self) -> int | None:
-        return self.manager.best_step()
+        return self.manager.best_step() if self.steps() else None
 
     def save(self, step: int, params, opt_state=None, rng=None, meta: dict | None = None,
              val_loss: float | None = None) -> None:
@@ -56,10 +72,26 @@ class Checkpointer:
             items["train"] = ocp.args.StandardSave({"opt_state": opt_state, **extra})
         items["meta"] = ocp.args.JsonSave({"step": int(step), **(meta or {})})
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        except OSError as e:  # a previous async save failed, or this one could not start
+            raise self._save_error(step, e) from None
+        self._last_saved = step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until pending saves are committed; a failed one is one StorageError line."""
+        if self._manager is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise self._save_error(self._last_saved, e) from None
+
+    def _save_error(self, step: int | None, e: OSError) -> StorageError:
+        committed = [s for s in sorted(self.manager.all_steps(read=True)) if s != step]
+        kept = f"checkpoint {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
+        return StorageError(f"could not write checkpoint {step} to {self.directory} ({_reason(e)}); {kept}; "
+                            "free space or fix the folder, then rerun the same command to resume")
 
     def has_opt_state(self, step: int) -> bool:
         return (self.directory / str(step) / "train").is_dir()
@@ -68,7 +100,7 @@ class Checkpointer:
         """Restore one step into the given abstract targets (ShapeDtypeStructs with shardings).
 
         Returns {"params", "meta"} plus "opt_state" and "rng" when asked for and present.
-        """
+        Raises CheckpointError when the step cannot be read."""
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(abstract_params),
                                  "meta": ocp.args.JsonRestore()}
         with_opt = abstract_opt_state is not None and self.has_opt_state(step)
@@ -77,7 +109,11 @@ class Checkpointer:
             if abstract_rng is not None:
                 target["rng"] = abstract_rng
             items["train"] = ocp.args.StandardRestore(target)
-        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for a damaged step
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable ({_reason(e)}); "
+                                  "pass another --step or retrain") from None
         result = {"params": out["params"], "meta": dict(out["meta"])}
         if with_opt:
             result["opt_state"] = out["train"]["opt_state"]
@@ -87,32 +123,38 @@ class Checkpointer:
 
     def restore_latest_good(self, abstract_params, abstract_opt_state=None, abstract_rng=None,
                             say=print) -> dict | None:
-        """Restore the newest checkpoint that reads back; a damaged one is skipped, and said so."""
-        for step in reversed(self.steps()):
+        """Restore the newest checkpoint that reads back; a damaged one is set aside, and said so."""
+        steps = self.steps()
+        for i, step in enumerate(reversed(steps)):
             try:
                 return self.restore(step, abstract_params, abstract_opt_state, abstract_rng)
-            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            except CheckpointError as e:
                 aside = self._set_aside(step)
-                say(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); moved to {aside} and "
-                    "falling back to the previous one")
+                then = ("falling back to checkpoint " + str(steps[-2 - i])) if i + 1 < len(steps) else \
+                    "no readable checkpoint is left, so training starts again from step 0"
+                say(f"warning: checkpoint {step} is unreadable ({str(e).split('(', 1)[-1].split(')')[0]}); "
+                    f"moved to {aside}; {then}")
         return None
 
     def _set_aside(self, step: int) -> Path:
         """Move a damaged step out of the way (kept for inspection, never deleted), so training can
         write that step again."""
-        dest = self.directory.parent / "damaged_checkpoints" / str(step)
+        dest = self.directory.parent / DAMAGED_DIR / str(step)
         if jax.process_index() == 0:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 dest = dest.with_name(f"{step}.{len(list(dest.parent.iterdir()))}")
             (self.directory / str(step)).rename(dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"flax_gpt.set_aside.{step}")
         self.manager.reload()
         return dest
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._manager is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            self._manager = None

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from flax_gpt import flops
+from tqdm import tqdm
+
+from flax_gpt.model import flops
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -45,18 +47,19 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
-        self.enabled = enabled
+        self.enabled, self.purge_step = enabled, purge_step
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
         self._file = None
         self._tb = None
-        if not enabled:
-            return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / METRICS_FILE
-        self._file = self.path.open("a", encoding="utf-8")
-        from tensorboardX import SummaryWriter  # heavy import (protobuf), only on the writing host
 
-        self._tb = SummaryWriter(logdir=str(run_dir / TB_DIR), purge_step=purge_step)
+    def _open(self) -> None:
+        """Files are created by the first record, so a run that never trains a step writes nothing."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # deferred: heavy (protobuf), only the writing host needs it
+
+        self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), purge_step=self.purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record (must contain `step`); values may be numpy or jax scalars."""
@@ -64,6 +67,8 @@ class MetricsWriter:
             return
         if "step" not in record:
             raise ValueError(f"metrics record has no 'step' (keys: {sorted(record)})")
+        if self._file is None:
+            self._open()
         line = {k: _plain(k, v) for k, v in record.items()}
         step = int(line["step"])
         line["step"] = step
@@ -130,8 +135,6 @@ class ProgressBar:
         file: Any = None,
         pipe_interval_s: float = 30.0,
     ):
-        from tqdm import tqdm
-
         file = file if file is not None else sys.stderr
         is_tty = bool(getattr(file, "isatty", lambda: False)())
         self._bar = tqdm(

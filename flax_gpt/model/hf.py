@@ -1,26 +1,22 @@
-"""The one name map between our Flax GPT-2 and Hugging Face's GPT2LMHeadModel.
+"""The one name map between our Flax GPT-2 and Hugging Face's GPT2LMHeadModel, and the import side:
+an HF folder or Hub id -> our ModelConfig and parameters. Reads safetensors only (never pickle).
 
-Import reads safetensors only (never pickle); export writes an HF folder that
-`transformers.GPT2LMHeadModel.from_pretrained` and `pipeline("text-generation")` load as-is.
-torch is imported lazily, only by `verify_export`.
+The export side (writing and checking an HF folder) is `flax_gpt.export.hf_folder`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from huggingface_hub import snapshot_download
+from safetensors.numpy import load_file
 
-from flax_gpt.config import MODEL_PRESETS, ModelConfig
-
-
-class HFError(ValueError):
-    """A user-facing import/export problem (bad folder, not GPT-2, shape mismatch, ...)."""
+from flax_gpt.config import GPT2_EOS_ID, MODEL_PRESETS, ModelConfig
+from flax_gpt.errors import HFError
+from flax_gpt.storage import is_hub_id
 
 
 # Ours -> HF, per block and at the top. LayerNorm "scale" is HF's "weight", a Conv1D "kernel" is
@@ -118,7 +114,7 @@ def model_config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def hf_config_dict(cfg: ModelConfig, eos_id: int = 50256) -> dict:
+def hf_config_dict(cfg: ModelConfig, eos_id: int = GPT2_EOS_ID) -> dict:
     """Our ModelConfig -> a GPT2Config dict for config.json."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -139,11 +135,9 @@ def resolve_source(src: str) -> Path:
         if not p.is_dir():
             raise HFError(f"{src} is a file; pass a Hugging Face model folder (config.json + model.safetensors)")
         return p
-    if src.startswith((".", "/", "~")) or src.count("/") > 1:
+    if not is_hub_id(src):
         raise HFError(f"model folder not found: {src}; check the path")
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"]))
     except Exception as e:  # noqa: BLE001 - any Hub failure is reported the same way
         raise HFError(f"could not fetch '{src}' from the Hugging Face Hub ({type(e).__name__}); "
@@ -152,8 +146,6 @@ def resolve_source(src: str) -> Path:
 
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """config.json and all safetensors weights of an HF folder (single or sharded)."""
-    from safetensors.numpy import load_file
-
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise HFError(f"{folder} has no config.json; it is not a Hugging Face model folder")
@@ -184,90 +176,3 @@ def load_hf(src: str, template_fn, **model_overrides: Any) -> tuple[ModelConfig,
     hf_cfg, sd = read_hf_folder(folder)
     cfg = model_config_from_hf(hf_cfg, **model_overrides)
     return cfg, from_hf_state_dict(sd, cfg, template_fn(cfg))
-
-
-def check_export_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise HFError(f"export folder {out} is not empty; pass --overwrite or choose another --out")
-
-
-def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: str = "gpt2",
-              dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
-              check=None) -> Path:
-    """Write an HF GPT2LMHeadModel folder. Written to a temporary sibling, checked there by
-    `check(folder)` when given, then moved into place: a failed write or check never leaves a half
-    export and never touches an existing folder's files."""
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    check_export_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        sd = to_hf_state_dict(params, cfg)
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
-        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        from flax_gpt.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-        hf_cfg = hf_config_dict(cfg, tok.eos_id)
-        hf_cfg["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
-               "do_sample": True, "max_length": cfg.n_positions}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        tok.save_hf(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if check is not None:
-            check(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab_size, (batch, length)).astype(np.int32)
-
-
-def require_torch() -> None:
-    """The export check loads the folder with transformers' PyTorch GPT2LMHeadModel."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise HFError("checking an export loads it with transformers, which needs PyTorch: "
-                      "pip install torch==2.13.0 (the CPU wheel is enough)") from None
-
-
-def torch_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
-    """Logits of the exported folder loaded by transformers (float32, CPU)."""
-    require_torch()
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
-
-
-def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: float) -> float:
-    """Reload the export with transformers and compare logits with ours on a probe batch.
-
-    Returns the max abs difference; raises HFError when it exceeds `atol`.
-    """
-    tokens = probe_tokens(cfg.vocab_size, length=min(16, cfg.n_positions))
-    ours = np.asarray(jax_logits_fn(tokens))[..., : cfg.vocab_size]
-    theirs = torch_logits(hf_dir, tokens)
-    diff = float(np.max(np.abs(ours - theirs)))
-    if not diff <= atol:
-        raise HFError(f"export check failed: transformers' logits differ from ours by {diff:.3g} "
-                      f"(allowed {atol:.1g}); the export at {hf_dir} is not faithful")
-    return diff

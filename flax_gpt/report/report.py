@@ -18,8 +18,15 @@ from typing import Sequence
 
 import numpy as np
 
-from flax_gpt.config import ConfigError
-from flax_gpt.report_plots import (column, plot_loss, plot_perplexity, plot_lr, plot_throughput, plot_corpus, slug, cloud_image, plot_clouds)
+from flax_gpt import storage
+from flax_gpt.data.shards import open_split, read_manifest
+from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.errors import CheckpointError, ConfigError
+from flax_gpt.generate import load_model
+from flax_gpt.report.plots import (cloud_image, column, plot_clouds, plot_corpus, plot_loss, plot_lr,
+                                   plot_perplexity, plot_throughput, slug)
+from flax_gpt.train.metrics import METRICS_FILE, read_metrics
+from flax_gpt.train.run_dir import find_shards, read_run_config
 
 DEFAULT_PROMPTS = ("the role of recommender systems", "clustering", "transformers for text generation")
 REPORT_DIR = "report"
@@ -31,8 +38,6 @@ CORPUS_TOKEN_CAP = 300_000  # enough text for a stable word cloud; decoding more
 
 def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), one per step (the later line wins), sorted by step."""
-    from flax_gpt.metrics import METRICS_FILE, read_metrics
-
     if not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass the train.run_dir of a run that has trained "
                           f"(`flax-gpt train CONFIG train.run_dir={run_dir}`)")
@@ -47,24 +52,8 @@ def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
-def find_shards(run_dir: Path, cfg) -> Path | None:
-    """The run's shards folder. A relative `data.shards_dir` is relative to where training was run;
-    when that is not here, recover it from the run directory (whose train.run_dir shares that base)."""
-    from flax_gpt.data.shards import MANIFEST_NAME
-
-    shards = Path(cfg.data.shards_dir)
-    candidates = [shards]
-    rel = Path(cfg.train.run_dir)
-    parts = run_dir.resolve().parts
-    if not shards.is_absolute() and not rel.is_absolute() and parts[-len(rel.parts):] == rel.parts:
-        candidates.append(Path(*parts[: len(parts) - len(rel.parts)]) / shards)
-    return next((c for c in candidates if (c / MANIFEST_NAME).is_file()), None)
-
-
 def corpus_text(shards_dir: Path, manifest: dict, cap: int = CORPUS_TOKEN_CAP) -> str:
     """Decoded text of (up to `cap` tokens of) the training split, documents split at EOS."""
-    from flax_gpt.data import load_tokenizer, open_split
-
     rows = open_split(shards_dir, "train")
     n = min(rows.num_rows, max(1, cap // rows.seq_len))
     # Contiguous rows keep documents whole; spread over the split in 8 blocks for a fair sample.
@@ -192,8 +181,6 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
     `samples` continuations of `max_new_tokens` per prompt (0: none). Parts whose inputs are missing
     (no shards here, no checkpoint yet) are left out with a note; a missing metrics.jsonl is an error.
     """
-    from flax_gpt.run import read_run_config
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; pass the train.run_dir of a trained run")
@@ -203,19 +190,17 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
     # Sample first: a bad --max-new-tokens fails here, before any file is written.
     texts: dict[str, list[str]] = {}
     if samples > 0 and prompts:
-        from flax_gpt.checkpoint import CheckpointError
-        from flax_gpt.generate import sample_run
-
         try:
-            flat = sample_run(run_dir, list(prompts), max_new_tokens=max_new_tokens, seed=cfg.train.seed,
-                              num_samples=samples)
+            flat = load_model(run_dir=run_dir).generate(list(prompts), max_new_tokens=max_new_tokens,
+                                                        seed=cfg.train.seed, num_samples=samples, top_p=0.95)
         except CheckpointError as e:
             notes.append(f"Samples left out: {e}")
         else:  # prompt-major order; each text is prompt + continuation, the clouds show the continuation
             texts = {p: [t[len(p):] if t.startswith(p) else t for t in flat[i * samples:(i + 1) * samples]]
                      for i, p in enumerate(prompts)}
     out = run_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
+    storage.check_output(out, "report", reuse=True)
+    storage.mark(out, "report")
     figures = [
         (plot_loss(out, train, evals), "Training loss (per step) and validation loss (markers) against "
                                        "optimizer steps (left) and training tokens seen (right)."),
@@ -231,8 +216,6 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
         notes.append(f"Corpus plots left out: no manifest.json at data.shards_dir={cfg.data.shards_dir} "
                      f"(relative to where training ran); run the report from that directory.")
     else:
-        from flax_gpt.data import read_manifest
-
         manifest = read_manifest(shards)
         synthetic = " (synthetic)" if manifest["source"].get("synthetic") else ""
         figures.append((plot_corpus(out, manifest), f"Document lengths of the whole corpus{synthetic}, in words "

@@ -7,6 +7,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullFormatter
+from wordcloud import STOPWORDS, WordCloud
 
 DPI = 120
 MARKERS_UP_TO = 40  # draw point markers on series this short, so one or two points stay visible
@@ -28,9 +32,6 @@ def column(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def new_figure(ncols: int = 1, *, width: float = 7.0, height: float = 4.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width * ncols, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
@@ -51,8 +52,6 @@ def plot_line(ax, x, y, label: str, **kw) -> None:
 
 
 def style(ax, title: str, xlabel: str, ylabel: str, *, empty: str | None = None) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -80,8 +79,6 @@ def ema(y: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def plot_loss(out: Path, train: list[dict], evals: list[dict]) -> str:
-    from matplotlib.ticker import EngFormatter
-
     steps, loss = column(train, "loss")
     vsteps, vloss = column(evals, "val_loss")
     tsteps, seen = column(train, "tokens_seen")
@@ -121,8 +118,6 @@ def plot_perplexity(out: Path, evals: list[dict]) -> str:
 def plain_log_labels(ax) -> None:
     """Log-axis labels as plain numbers; within one decade the minor ticks are labelled too
     (matplotlib would write 5.02x10^4 there)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
     plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
     lo, hi = ax.get_ylim()
     ax.yaxis.set_major_formatter(plain)
@@ -142,8 +137,6 @@ def plot_lr(out: Path, train: list[dict]) -> str:
 
 
 def plot_throughput(out: Path, train: list[dict]) -> str:
-    from matplotlib.ticker import FuncFormatter
-
     steps, tps = column(train, "tokens_per_sec")
     msteps, mfu = column(train, "mfu")
     fig, axes = new_figure(2 if len(msteps) else 1)
@@ -192,8 +185,6 @@ def slug(text: str) -> str:
 
 def cloud_image(text: str, seed: int = 0) -> np.ndarray | None:
     """RGB array of a word cloud of `text` without stopwords/markup; None when no word is left."""
-    from wordcloud import STOPWORDS, WordCloud
-
     wc = WordCloud(width=900, height=540, background_color="white", colormap="Dark2", max_words=150,
                    stopwords=STOPWORDS | MARKUP_WORDS, collocations=False, random_state=seed, margin=4)
     freqs = wc.process_text(text)

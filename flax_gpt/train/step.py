@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_gpt.model import GPT2
+from flax_gpt.model.gpt2 import GPT2
 
 
 @flax.struct.dataclass

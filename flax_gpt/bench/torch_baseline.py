@@ -5,27 +5,20 @@ with the default optimiser preset: forward with `labels=input_ids` (the model sh
 backward, global-norm clipping (`clip_norm`, 1.0 as `optim.clip_norm`; 0 turns it off), AdamW
 step, zero_grad. Random tokens, dropout as the config says, model in train mode.
 
-    python -m flax_gpt.torch_baseline --preset tiny --seq-len 128 --batch 8 [--compile]
-
-prints one JSON object (and writes it to --out when given). torch is imported only inside the
-functions; `flax-gpt bench` calls `measure_torch_baseline` for its `baseline` figures.
+`flax-gpt bench` calls `measure_torch_baseline` for its `baseline` figures. torch is imported only
+inside it (deferred: the package never needs torch to train).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
-from pathlib import Path
 
-from flax_gpt.config import MODEL_PRESETS, ModelConfig
-from flax_gpt.flops import flops_per_token
+from flax_gpt.config import ModelConfig
+from flax_gpt.model.flops import flops_per_token
 
 
 def _make_optimizer(torch, params, *, lr: float, weight_decay: float):
@@ -55,8 +48,8 @@ def measure_torch_baseline(
     Returns {"tokens_per_sec", "step_time_s", "compile", "torch_version", "device", ...} and
     "error" when the run (typically torch.compile) failed; the timings are then None.
     """
-    import torch
-    import transformers
+    import torch  # deferred: only the baseline needs torch
+    import transformers  # deferred with torch
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16 (got {dtype!r})")
@@ -156,35 +149,3 @@ def measure_torch_baseline(
     result["model_tflops_per_sec"] = result["tokens_per_sec"] * result["flops_per_token"] / 1e12
     return result
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
-
-    cfg = dataclasses.replace(ModelConfig(), preset=args.preset, **MODEL_PRESETS[args.preset])
-    if args.seq_len > cfg.n_positions:
-        p.error(f"--seq-len {args.seq_len} exceeds n_positions={cfg.n_positions} of {args.preset}")
-    res = measure_torch_baseline(
-        cfg, seq_len=args.seq_len, batch_size=args.batch, steps=args.steps, warmup=args.warmup,
-        compile=args.compile, dtype=args.dtype, threads=args.threads, clip_norm=args.clip_norm,
-    )
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 1 if "error" in res else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

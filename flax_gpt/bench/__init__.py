@@ -1,0 +1,1 @@
+"""Measurements: training throughput against the PyTorch baseline."""

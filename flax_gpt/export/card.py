@@ -1,0 +1,138 @@
+"""The Hugging Face model card (README.md) of an export: pure text from what the run directory
+records (config, metrics.jsonl, the shards' manifest.json). The hyperparameter table lists the
+settings the config declares for the card (`setting(..., card=...)`), nothing hand-kept here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from flax_gpt.data.sources import source_fingerprint
+from flax_gpt.errors import UserError
+from flax_gpt.model.flops import param_count
+from flax_gpt.storage import is_hub_id
+from flax_gpt.train.metrics import read_metrics
+from flax_gpt.train.run_dir import run_manifest
+
+# The usage snippet cannot know where the folder will live; the user substitutes this.
+MODEL_ID_PLACEHOLDER = "path/to/this/folder"
+
+
+def describe_data(data_cfg, manifest: dict | None) -> tuple[str, bool]:
+    """(one-sentence description of the training corpus, whether it is synthetic)."""
+    if manifest:
+        return str(manifest["source"]["description"]), bool(manifest["source"].get("synthetic"))
+    try:
+        _, desc, synthetic = source_fingerprint(data_cfg)
+    except (UserError, OSError):  # the files may be gone since training; the card still gets written
+        src = data_cfg.source
+        desc, synthetic = (f"Hugging Face dataset {src}" if is_hub_id(src) else f"{src}"), src == "synthetic"
+    return str(desc), synthetic
+
+
+def final_validation(run_dir: str | Path) -> dict | None:
+    """The last metrics.jsonl record with a `val_loss`, or None."""
+    try:
+        records = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
+    evals = [r for r in records if "val_loss" in r]
+    return evals[-1] if evals else None
+
+
+def _fmt_int(n: Any) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) and not isinstance(n, bool) else "unknown"
+
+
+def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, license: str = "apache-2.0") -> str:
+    """README.md for an export: YAML front matter the Hub reads, then what, how and how well.
+
+    `license` defaults to the project's own (Apache-2.0); GPT-2's released weights are MIT, which
+    permits that for fine-tunes, but pass another SPDX id when the data's terms require it."""
+    meta = meta or {}
+    m, d = cfg.model, cfg.data
+    manifest = run_manifest(run_dir, cfg)
+    data_desc, synthetic = describe_data(d, manifest)
+    hub_dataset = d.source if (not synthetic and is_hub_id(d.source)) else None
+    base_model = m.init_from if is_hub_id(m.init_from) else None
+    source_meta = meta.get("source")  # import-hf records where the weights came from
+
+    tags = ["gpt2", "text-generation", "jax", "flax", "flax_gpt"] + (["synthetic-data"] if synthetic else [])
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}", "tags:"]
+    front += [f"- {tag}" for tag in tags]
+    if hub_dataset:
+        front += ["datasets:", f"- {hub_dataset}"]
+    if base_model:
+        front += [f"base_model: {base_model}"]
+    front += ["---", ""]
+
+    n_params = param_count(dataclasses.replace(m, pad_vocab_to=0))  # as exported: vocab padding stripped
+    title = f"# GPT-2 ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) trained with flax_gpt"
+    lines = [title, ""]
+    if step == 0 and source_meta:
+        lines += [f"Weights imported from `{source_meta}` (step 0: not trained by flax_gpt).", ""]
+    else:
+        lines += [f"A GPT-2 language model trained from "
+                  f"{'`' + m.init_from + '`' if m.init_from else 'scratch'} with "
+                  "flax_gpt (JAX/Flax) and exported to a `transformers` "
+                  "`GPT2LMHeadModel` (safetensors).", ""]
+
+    lines += ["## Training data", ""]
+    if synthetic:
+        lines += ["**The corpus is synthetic**: machine-generated ML-abstract-like text from flax_gpt's "
+                  "seeded generator, not real text. This model is a pipeline test, not a useful language model.", ""]
+    lines += [f"- Source: {data_desc}"]
+    if hub_dataset:
+        lines += [f"- Hub dataset: [{hub_dataset}](https://huggingface.co/datasets/{hub_dataset})"
+                  + (f", split `{d.hf_split}`" if d.hf_split else "")]
+    lines += ["- Text: " + (f"template `{d.template!r}`" if d.template else f"column `{d.text_column}`"),
+              f"- Tokenizer: `{d.tokenizer}`; sequences of {d.seq_len} tokens ({d.packing}ed), "
+              f"{d.val_fraction:.0%} held out for validation"]
+    stats = (manifest or {}).get("stats") or {}
+    if isinstance(stats.get("documents"), int):
+        lines += [f"- Documents: {stats['documents']:,}"]
+    splits = (manifest or {}).get("splits") or {}
+    for name in ("train", "val"):
+        split = splits.get(name)
+        if isinstance(split, dict) and isinstance(split.get("tokens"), int):
+            docs = f" from {split['documents']:,} documents" if isinstance(split.get("documents"), int) else ""
+            lines += [f"- {'Training' if name == 'train' else 'Validation'} split: {split['tokens']:,} tokens{docs}"]
+    lines += [""]
+
+    lines += ["## Results", "", f"- Checkpoint step: {step}",
+              f"- Tokens seen: {_fmt_int(meta.get('tokens_seen'))}"]
+    final = final_validation(run_dir)
+    if final is not None:
+        loss = float(final["val_loss"])
+        ppl = final.get("perplexity")
+        ppl = float(ppl) if isinstance(ppl, (int, float)) else (math.exp(loss) if loss < 700 else float("inf"))
+        lines += [f"- Final validation loss: {loss:.4f} (at step {final.get('step', '?')})",
+                  f"- Validation perplexity: {ppl:.2f}"]
+    else:
+        lines += ["- Validation loss: not recorded"]
+    lines += [""]
+
+    lines += ["## Hyperparameters", "", "| setting | value |", "| --- | --- |"]
+    rows = card_settings(cfg)
+    rows.insert(4, ("parameters", f"{n_params:,}"))
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "The full resolved configuration is in `training_config.json`.", ""]
+
+    lines += ["## Usage", "", "```python", "from transformers import pipeline", "",
+              f'generator = pipeline("text-generation", model="{MODEL_ID_PLACEHOLDER}")  # or the Hub repo id',
+              'print(generator("In this paper we", max_new_tokens=40, do_sample=True, top_p=0.95)[0]["generated_text"])',
+              "```", "", "Or with flax_gpt's JAX sampler:", "", "```bash",
+              f"flax-gpt generate --hf {MODEL_ID_PLACEHOLDER} --prompt \"In this paper we\" --top-p 0.95", "```", ""]
+    return "\n".join(front + lines)
+
+
+def card_settings(cfg) -> list[tuple[str, str]]:
+    """(label, value) of every setting the config declares for the model card, in config order."""
+    rows = []
+    for name, _, f, value in cfg.items():
+        if f.metadata["card"] and value not in ("", None, []):
+            rows.append((f.metadata["card"], f"{value:g}" if isinstance(value, float) else str(value)))
+    return rows

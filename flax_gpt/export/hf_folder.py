@@ -1,0 +1,129 @@
+"""The export side of the HF bridge: write a `transformers` GPT2LMHeadModel folder (safetensors,
+tokenizer, generation config, model card), reload it with transformers, compare logits with ours,
+and only then put it in place.
+
+The folder is built in a temporary sibling and moved into place after the check, so a failed
+write or check never leaves half an export and never touches an existing folder. The target must
+be a new or empty folder, or an earlier export (replaced only with `overwrite`); it may never be
+or sit inside a run directory or shards folder (`storage.check_output`).
+torch is imported lazily, only by the reload check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from flax_gpt import storage
+from flax_gpt.config import ModelConfig
+from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.errors import HFError
+from flax_gpt.export.card import model_card
+from flax_gpt.model.gpt2 import GPT2
+from flax_gpt.model.hf import hf_config_dict, to_hf_state_dict
+from flax_gpt.train.state import load_params
+
+
+def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: str = "gpt2",
+              dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
+              check=None) -> Path:
+    """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished temporary folder."""
+    out = Path(out_dir)
+    storage.check_output(out, "export", overwrite=overwrite)
+    storage.clean_temp_siblings(out)
+    tmp = storage.temp_sibling(out)
+    try:
+        sd = to_hf_state_dict(params, cfg)
+        if dtype == "bfloat16":
+            sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tok = load_tokenizer(tokenizer)
+        hf_cfg = hf_config_dict(cfg, tok.eos_id)
+        hf_cfg["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
+               "do_sample": True, "max_length": cfg.n_positions}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        tok.save_hf(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        storage.mark(tmp, "export")
+        if check is not None:
+            check(tmp)
+        storage.replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (batch, length)).astype(np.int32)
+
+
+def require_torch() -> None:
+    """The export check loads the folder with transformers' PyTorch GPT2LMHeadModel."""
+    try:
+        import torch  # noqa: F401  (deferred: torch is only needed to check exports)
+    except ImportError:
+        raise HFError("checking an export loads it with transformers, which needs PyTorch: "
+                      "pip install torch==2.13.0 (the CPU wheel is enough)") from None
+
+
+def torch_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits of the exported folder loaded by transformers (float32, CPU)."""
+    require_torch()
+    import torch  # deferred: heavy, and only the export check needs it
+    from transformers import GPT2LMHeadModel  # deferred with torch
+
+    model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
+
+
+def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: float) -> float:
+    """Reload the export with transformers and compare logits with ours on a probe batch.
+
+    Returns the max abs difference; raises HFError when it exceeds `atol`.
+    """
+    tokens = probe_tokens(cfg.vocab_size, length=min(16, cfg.n_positions))
+    ours = np.asarray(jax_logits_fn(tokens))[..., : cfg.vocab_size]
+    theirs = torch_logits(hf_dir, tokens)
+    diff = float(np.max(np.abs(ours - theirs)))
+    if not diff <= atol:
+        raise HFError(f"export check failed: transformers' logits differ from ours by {diff:.3g} "
+                      f"(allowed {atol:.1g}); the export at {hf_dir} is not faithful")
+    return diff
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, step=None, dtype: str = "float32",
+               overwrite: bool = False) -> tuple[Path, float]:
+    """`flax-gpt export`: a run's checkpoint -> HF folder with model card, reloaded and compared.
+
+    Returns (folder, max logit difference against transformers)."""
+    storage.check_output(out, "export", overwrite=overwrite)  # fail before loading anything
+    require_torch()
+    cfg, params, chosen, meta = load_params(run_dir, step)
+    host = jax.device_get(params)
+    if dtype == "bfloat16":  # compare against exactly the weights transformers will read
+        host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), host)
+    fp32 = dataclasses.replace(cfg.model, dtype="float32")
+    apply = jax.jit(lambda p, t: GPT2(fp32).apply({"params": p}, t))
+    diffs = []
+
+    def check(folder):
+        diffs.append(verify_export(folder, lambda t: apply(host, t), cfg.model, atol=2e-3))
+
+    extra = {"README.md": model_card(run_dir, cfg, chosen, meta),
+             "training_config.json": json.dumps(cfg.to_dict(), indent=2)}
+    path = export_hf(host, cfg.model, out, tokenizer=cfg.data.tokenizer, dtype=dtype, overwrite=overwrite,
+                     extra_files=extra, check=check)
+    return path, diffs[0]

@@ -1,0 +1,1 @@
+"""`flax-gpt report`: plots, word clouds and an index.html for a run directory."""

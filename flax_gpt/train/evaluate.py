@@ -1,0 +1,46 @@
+"""One evaluation, used by the training loop, the `eval` verb and the Python API: the mean
+next-token loss over every target token of a set of rows, exactly once, and its perplexity.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax.sharding import Mesh
+
+from flax_gpt.config import ModelConfig
+from flax_gpt.data.loader import EvalLoader
+from flax_gpt.errors import DataError
+from flax_gpt.model.gpt2 import GPT2, abstract_params
+from flax_gpt.sharding import batch_sharding, param_shardings, replicated
+from flax_gpt.train.step import eval_step
+
+
+class Evaluator:
+    """Loss and perplexity of parameters placed on `mesh`, over rows of a split (or any `TokenRows`)."""
+
+    def __init__(self, model_cfg: ModelConfig, mesh: Mesh, *, batch_size: int, document_mask: bool,
+                 packing: str | None = None):
+        self.mesh, self.batch_size = mesh, int(batch_size)
+        self.document_mask, self.packing = document_mask, packing
+        self.batch_sh = batch_sharding(mesh)
+        param_sh = param_shardings(mesh, abstract_params(model_cfg, boxed=True))
+        fn = functools.partial(eval_step, model=GPT2(model_cfg), document_mask=document_mask)
+        self.eval_fn = jax.jit(fn, in_shardings=(param_sh, self.batch_sh), out_shardings=replicated(mesh))
+
+    def evaluate(self, params, rows) -> dict:
+        """{"val_loss", "perplexity", "tokens"}; a DataError when `rows` hold no target token."""
+        loader = EvalLoader(rows, batch=self.batch_size, document_mask=self.document_mask,
+                            packing=self.packing, sharding=self.batch_sh)
+        loss_sum, tokens = 0.0, 0.0
+        for batch in loader:
+            out = jax.device_get(self.eval_fn(params, batch))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+        if tokens == 0:
+            raise DataError(f"split {rows.split!r} in {rows.shards_dir} has no tokens to evaluate; "
+                            "raise data.val_fraction or evaluate on more text")
+        val_loss = loss_sum / tokens
+        return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0)), "tokens": int(tokens)}
