@@ -1,6 +1,6 @@
 """Data pipeline throughput on the shared arXiv abstracts; writes benchmarks/results/data_pipeline.json.
 
-  prepare      `python -m flax_gpt.data.prepare` as a fresh process: process start -> manifest
+  prepare      `flax-gpt prepare` as a fresh process: process start -> manifest
                written (tokens = all document tokens incl. EOS)
   bare         the fastest tokenizer call alone, in-process, on the same final texts
                (tiktoken `encode_ordinary_batch` with one thread per core; tokenizer already built)
@@ -84,7 +84,7 @@ def bench_prepare(reps: int, tmp: Path) -> dict:
     cfg = tmp / "bench.yaml"
     cfg.write_text(json.dumps({"model": {"preset": "gpt2"}, "data": {"source": FILES, "template": TEMPLATE, "seq_len": 1024,
                                         "shards_dir": str(tmp / "shards"), "val_fraction": 0.05}}))
-    runs = [timed_process([sys.executable, "-m", "flax_gpt.data.prepare", str(cfg), "--overwrite", "--quiet"])
+    runs = [timed_process([sys.executable, "-m", "flax_gpt.cli", "prepare", str(cfg), "--overwrite"])
             for _ in range(reps)]
     manifest = json.loads((tmp / "shards" / "manifest.json").read_text())
     tokens = sum(s["tokens"] + s["dropped_tokens"] for s in manifest["splits"].values())
@@ -96,7 +96,7 @@ def bench_prepare(reps: int, tmp: Path) -> dict:
 
 def bench_bare(reps: int) -> dict:
     from flax_gpt.config import DataConfig
-    from flax_gpt.data import load_tokenizer
+    from flax_gpt.data.tokenizer import load_tokenizer
     from flax_gpt.data.sources import read_documents
 
     texts = read_documents(DataConfig(source=FILES, template=TEMPLATE)).texts
@@ -128,7 +128,7 @@ def bench_bare(reps: int) -> dict:
 
 
 def bench_usual(reps: int, tmp: Path) -> dict:
-    from flax_gpt.data import load_tokenizer
+    from flax_gpt.data.tokenizer import load_tokenizer
 
     tok_dir = load_tokenizer("gpt2").save_hf(tmp / "gpt2_tok")
     script = tmp / "usual_recipe.py"
@@ -149,7 +149,8 @@ def bench_loader(shards_dir: str, steps: int, batch: int = 64) -> dict:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from flax_gpt.data import TrainLoader, open_split
+    from flax_gpt.data.loader import TrainLoader
+    from flax_gpt.data.shards import open_split
 
     rows = open_split(shards_dir, "train")
     mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from flax_gpt.bench import run_bench
+from flax_gpt.bench.throughput import run_bench
 from flax_gpt.config import load_config
 
 VARIANTS = {

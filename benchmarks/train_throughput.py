@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flax_gpt.bench import run_bench
+from flax_gpt.bench.throughput import run_bench
 from flax_gpt.config import load_config
 
 SYNTH = ["data.source=synthetic", "data.synthetic_docs=2000", "train.progress=false"]
