@@ -246,10 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    """Orbax and JAX log routine notices through absl at WARNING; users see only ours."""
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.ERROR)
+def _quiet_libraries(debug: bool) -> None:
+    """Orbax and JAX log routine notices through absl at WARNING, and failures they also raise
+    (a full disk, say) as tracebacks at ERROR; users see only our one line (all of it with --debug)."""
+    level = absl_logging.ERROR if debug else absl_logging.FATAL
+    absl_logging.set_verbosity(level)
+    logging.getLogger("absl").setLevel(logging.ERROR if debug else logging.CRITICAL)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -272,21 +274,31 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # the training loop replaces it while it runs
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        _quiet_libraries(debug)
         return args.fn(args)
     except (UserError, OSError) as e:
         if debug:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except Terminated:
-        print("terminated (SIGTERM); what was already written is complete; rerun the same command to continue",
-              file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (Terminated, KeyboardInterrupt) as e:
+        sigterm = isinstance(e, Terminated)
+        print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}; what was already written is complete; "
+              "rerun the same command to continue", file=sys.stderr)
+        return 143 if sigterm else 130
+
+
+def entry() -> None:
+    """The `flax-gpt` command. After a failure it leaves at once: our files are closed by then, but
+    background threads of XLA (a compile) or Orbax (a failed save) may still run, and tearing the
+    runtime down under them crashes or prints their tracebacks on the way out."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import transformers
 
 from flax_gpt import storage
 from flax_gpt.config import Config, MeshConfig
@@ -21,7 +20,7 @@ from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.export.hf_folder import export_run, require_torch
 from flax_gpt.generate import folder_tokenizer, load_model
 from flax_gpt.model.gpt2 import abstract_params
-from flax_gpt.model.hf import load_hf, resolve_source
+from flax_gpt.model.hf import load_hf, read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
@@ -33,7 +32,11 @@ from flax_gpt.train.trainer import Trainer
 
 def check_outputs(cfg: Config) -> bool:
     """Everything `train` will write, checked before anything runs. True when resuming."""
+    resuming = check_run_dir(cfg)
     run, shards = Path(cfg.train.run_dir).absolute(), Path(cfg.data.shards_dir).absolute()
+    if shards == run or run / "checkpoints" in (shards, *shards.parents):
+        raise OutputError(f"data.shards_dir={cfg.data.shards_dir} is the run directory or inside its "
+                          "checkpoints; choose a folder of its own")
     if cfg.train.export_dir:
         out = Path(cfg.train.export_dir).absolute()
         for name, other in (("train.run_dir", run), ("data.shards_dir", shards)):
@@ -41,11 +44,9 @@ def check_outputs(cfg: Config) -> bool:
                 raise OutputError(f"train.export_dir={cfg.train.export_dir} overlaps {name}={other}; "
                                   "export to a folder of its own, e.g. exports/<name>")
         storage.check_output(out, "export", reuse=True)
+        storage.check_writable(out, "train.export_dir")
         require_torch()  # the export is checked by loading it with transformers
-    if shards == run or run / "checkpoints" in (shards, *shards.parents):
-        raise OutputError(f"data.shards_dir={cfg.data.shards_dir} is the run directory or inside its "
-                          "checkpoints; choose a folder of its own")
-    return check_run_dir(cfg)
+    return resuming
 
 
 def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
@@ -110,11 +111,14 @@ def transformers_generate(*, run_dir=None, hf=None, step=None, prompts: list[str
     """The same sampling through transformers' `pipeline("text-generation")` on the HF folder (a
     run is exported to a temporary folder first): the reference the JAX sampler is compared with."""
     require_torch()
+    import transformers  # deferred: heavy (about 1 s), and only this backend needs it
+
     with tempfile.TemporaryDirectory(prefix="flax_gpt-generate-") as tmp:
         if hf is not None:
             if step is not None:
                 raise ConfigError("--step selects a checkpoint of a run directory; it does not apply to --hf")
             folder = resolve_source(str(hf))
+            read_hf_folder(folder)  # the same checks as the JAX path: config.json, safetensors only
         else:
             folder, _ = export_run(run_dir, Path(tmp) / "export", step=step)
         vocab = json.loads((Path(folder) / "config.json").read_text()).get("vocab_size", 0)

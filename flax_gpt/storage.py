@@ -125,8 +125,10 @@ def check_output(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
     if kind in ("export", "report"):  # never inside (or equal to) a run directory or shards folder
         inside = owner_of(folder)
         if inside is not None and (kind == "export" or inside[1] == "shards"):
-            where = "is" if inside[0] == folder.absolute() else f"is inside the {KINDS[inside[1]]}"
-            raise OutputError(f"{folder} {where} {inside[0]}; write the {what} to a folder of its own")
+            owner, owner_kind = inside
+            where = f"is a {KINDS[owner_kind]}" if owner == folder.absolute() else \
+                f"is inside the {KINDS[owner_kind]} {owner}"
+            raise OutputError(f"{folder} {where}; write the {what} to a folder of its own")
     if not folder.exists() or is_empty_dir(folder):
         return False
     found = folder_kind(folder)

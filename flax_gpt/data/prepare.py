@@ -137,6 +137,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     cfg.validate()
     out = Path(cfg.shards_dir)
     storage.check_output(out, "shards", reuse=True)
+    storage.check_writable(out, "data.shards_dir")
     source_fp, description, synthetic = source_fingerprint(cfg)  # resolves the source: fails early
     tokenizer = load_tokenizer(cfg.tokenizer)
     settings = prepare_settings(cfg, tokenizer, source_fp)
@@ -210,6 +211,9 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     }
     write_manifest(out, manifest)
     _remove_stale(out, old, manifest)
+    if cfg.val_fraction > 0 and splits["val"]["rows"] == 0:
+        log(f"warning: the validation split has no rows ({splits['val']['tokens']:,} tokens < data.seq_len "
+            f"{cfg.seq_len}); training will run without evaluation - raise data.val_fraction or add text")
     total = sum(s["tokens"] for s in splits.values())
     log(f"wrote {sum(s['rows'] for s in splits.values()):,} rows ({total:,} tokens) to {out} in "
         f"{time.perf_counter() - t0:.1f}s")

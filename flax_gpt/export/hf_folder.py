@@ -37,6 +37,7 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer:
     """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished temporary folder."""
     out = Path(out_dir)
     storage.check_output(out, "export", overwrite=overwrite)
+    storage.check_writable(out, "export folder")
     storage.clean_temp_siblings(out)
     tmp = storage.temp_sibling(out)
     try:
@@ -110,6 +111,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, step=None, dtype: str = 
 
     Returns (folder, max logit difference against transformers)."""
     storage.check_output(out, "export", overwrite=overwrite)  # fail before loading anything
+    storage.check_writable(out, "export folder")
     require_torch()
     cfg, params, chosen, meta = load_params(run_dir, step)
     host = jax.device_get(params)

@@ -184,8 +184,8 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist; pass the train.run_dir of a trained run")
-    train, evals = read_series(run_dir)
     cfg = read_run_config(run_dir)
+    train, evals = read_series(run_dir)
     notes: list[str] = []
     # Sample first: a bad --max-new-tokens fails here, before any file is written.
     texts: dict[str, list[str]] = {}

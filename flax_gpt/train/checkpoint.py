@@ -11,6 +11,8 @@ Nothing is created on disk until the first save.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,12 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 
 def _reason(e: BaseException) -> str:
+    """A short cause: the OS error when there is one (TensorStore reports it as `os_error_code`)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return os.strerror(int(code.group(1)))
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
 
@@ -45,6 +53,9 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed or ran out of space
+            # Stored with each checkpoint (so `best` survives a restart); the preservation policy decides
+            # what is kept.
+            best_fn=lambda m: m["val_loss"], best_mode="min",
         )
         self._manager: ocp.CheckpointManager | None = None
         self._last_saved: int | None = None
@@ -58,14 +69,18 @@ class Checkpointer:
     def steps(self) -> list[int]:
         if self._manager is None and not self.directory.is_dir():
             return []
-        return sorted(self.manager.all_steps(read=True))
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
 
     def best_step(self) -> int | None:
-        return self.manager.best_step() if self.steps() else None
+        """The step with the lowest recorded validation loss; None when no checkpoint has one."""
+        scored = [(m["val_loss"], s) for s in self.steps() if (m := self.manager.metrics(s)) and "val_loss" in m]
+        return min(scored)[1] if scored else None
 
     def save(self, step: int, params, opt_state=None, rng=None, meta: dict | None = None,
              val_loss: float | None = None) -> None:
         """Start an asynchronous save; every process must call it (multi-host safe)."""
+        self.wait()  # Orbax waits for the previous save anyway; this attributes its failure to its step
         items: dict[str, Any] = {"params": ocp.args.StandardSave(params)}
         extra = {} if rng is None else {"rng": jax.random.key_data(rng)}
         if opt_state is not None:
@@ -74,7 +89,7 @@ class Checkpointer:
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
-        except OSError as e:  # a previous async save failed, or this one could not start
+        except (OSError, ValueError) as e:  # this save, or a previous async one, failed (TensorStore: ValueError)
             raise self._save_error(step, e) from None
         self._last_saved = step
 
@@ -84,11 +99,11 @@ class Checkpointer:
             return
         try:
             self._manager.wait_until_finished()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # TensorStore reports write failures as ValueError
             raise self._save_error(self._last_saved, e) from None
 
     def _save_error(self, step: int | None, e: OSError) -> StorageError:
-        committed = [s for s in sorted(self.manager.all_steps(read=True)) if s != step]
+        committed = [s for s in self.steps() if s != step]
         kept = f"checkpoint {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
         return StorageError(f"could not write checkpoint {step} to {self.directory} ({_reason(e)}); {kept}; "
                             "free space or fix the folder, then rerun the same command to resume")
