@@ -70,8 +70,22 @@ def cmd_prepare(args) -> int:
     from flax_gpt.data.prepare import prepare_shards  # noqa: PLC0415 - deferred, see above
     from flax_gpt.data.stats import describe_stats  # noqa: PLC0415
 
-    manifest = prepare_shards(_config(args).data, overwrite=args.overwrite, verify=args.verify)
-    print(describe_stats(manifest))
+    cfg = _config(args)
+    n, i = args.num_processes or 1, args.process_id or 0
+    if args.distributed or args.coordinator:
+        _maybe_distributed(args)
+        import jax  # noqa: PLC0415 - deferred, see above
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        n, i = jax.process_count(), jax.process_index()
+    if not 0 <= i < n:
+        raise ConfigError(f"--process-id {i} must be in [0, --num-processes {n})")
+    manifest = prepare_shards(cfg.data, overwrite=args.overwrite, verify=args.verify, num_processes=n, process_id=i)
+    if args.distributed or args.coordinator:  # everyone's units are written: one manifest for all
+        multihost_utils.sync_global_devices("flax_gpt.prepare.units")
+        manifest = manifest or prepare_shards(cfg.data, verify=args.verify)
+    if manifest is not None:
+        print(describe_stats(manifest))
     return 0
 
 
@@ -176,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace shards made from different inputs")
     sp.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    sp.add_argument("--num-processes", type=int, help="one job over N processes: each takes every N-th input file")
+    sp.add_argument("--process-id", type=int, help="this process's index in [0, N)")
+    sp.add_argument("--distributed", action="store_true", help="the same under jax.distributed (auto-detected)")
+    sp.add_argument("--coordinator", help="host:port of process 0, for jax.distributed without auto-detection")
     sp.set_defaults(fn=cmd_prepare)
 
     sp = sub.add_parser("train", help="train (resumes from the run directory's latest checkpoint)")

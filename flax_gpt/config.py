@@ -109,6 +109,7 @@ class DataConfig:
     hf_split: str = setting("train", "split of a Hub dataset or dataset folder")
     hf_revision: str = setting("", "Hub dataset revision (pin it: an unpinned Hub source is identified by name)")
     hf_name: str = setting("", "Hub dataset configuration name, if it has several")
+    streaming: bool = setting(False, "stream a Hub dataset instead of downloading it first", effect=RUN)
     text_column: str = setting("abstract", "column holding the text (unless data.template is set)")
     template: str = setting("", 'text built from columns, e.g. "{title}\\n{abstract}"; overrides text_column',
                             card="text template")
@@ -127,14 +128,17 @@ class DataConfig:
                                   card="document masking")
     synthetic_docs: int = setting(4000, "documents of the synthetic corpus")
     prefetch: int = setting(2, "batches prepared ahead on a background thread", effect=RUN)
+    read_batch_docs: int = setting(2048, "documents read and tokenized per batch by prepare (bounds its memory)",
+                                   effect=RUN)
 
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be at least 2 (got {self.seq_len})")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction})")
-        if self.rows_per_shard <= 0:
-            raise ConfigError(f"data.rows_per_shard must be positive (got {self.rows_per_shard})")
+        if self.rows_per_shard <= 0 or self.read_batch_docs <= 0:
+            raise ConfigError(f"data.rows_per_shard and data.read_batch_docs must be positive "
+                              f"(got {self.rows_per_shard}, {self.read_batch_docs})")
 
 
 @dataclass(frozen=True)

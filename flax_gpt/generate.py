@@ -298,7 +298,7 @@ class LoadedModel:
     cfg: ModelConfig
     tokenizer: Tokenizer
     folder: Path | None = None  # the HF folder it came from, if any
-    run_dir: Path | None = None
+    run_dir: str | Path | None = None
     step: int | None = None
 
     def generate(self, prompts: list[str], *, num_samples: int = 1, **kw) -> list[str]:
@@ -326,4 +326,4 @@ def load_model(*, run_dir: str | Path | None = None, hf: str | None = None, step
         return LoadedModel(jax.device_put(params), cfg, folder_tokenizer(folder, cfg.vocab_size), folder=folder)
     run_cfg, params, chosen, _ = load_params(run_dir, step)
     cfg = dataclasses.replace(run_cfg.model, remat=False)
-    return LoadedModel(params, cfg, load_tokenizer(run_cfg.data.tokenizer), run_dir=Path(run_dir), step=chosen)
+    return LoadedModel(params, cfg, load_tokenizer(run_cfg.data.tokenizer), run_dir=run_dir, step=chosen)

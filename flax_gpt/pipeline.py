@@ -33,12 +33,12 @@ from flax_gpt.train.trainer import Trainer
 def check_outputs(cfg: Config) -> bool:
     """Everything `train` will write, checked before anything runs. True when resuming."""
     resuming = check_run_dir(cfg)
-    run, shards = Path(cfg.train.run_dir).absolute(), Path(cfg.data.shards_dir).absolute()
+    run, shards = storage.location(cfg.train.run_dir), storage.location(cfg.data.shards_dir)
     if shards == run or run / "checkpoints" in (shards, *shards.parents):
         raise OutputError(f"data.shards_dir={cfg.data.shards_dir} is the run directory or inside its "
                           "checkpoints; choose a folder of its own")
     if cfg.train.export_dir:
-        out = Path(cfg.train.export_dir).absolute()
+        out = storage.location(cfg.train.export_dir)
         for name, other in (("train.run_dir", run), ("data.shards_dir", shards)):
             if out == other or other in out.parents or out in other.parents:
                 raise OutputError(f"train.export_dir={cfg.train.export_dir} overlaps {name}={other}; "

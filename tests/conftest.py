@@ -2,12 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARXIV_DIR = ROOT.parent / "shared" / "data" / "arxiv"
+GCS_BUCKETS = ("flax-gpt-test", "forbidden-bucket")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The local Cloud Storage server's address is fixed now, before flax_gpt (and gcsfs) load, so the
+# one standard setting reaches every library; the server itself starts only for tests that use it.
+os.environ.setdefault("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_free_port()}")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A real GCS server (gcp-storage-emulator) on 127.0.0.1 for the session: gs:// URLs of
+    flax_gpt and of the libraries under it (gcsfs, TensorStore) all reach it."""
+    pytest.importorskip("gcp_storage_emulator")
+    url = os.environ["STORAGE_EMULATOR_HOST"]
+    port = int(url.rsplit(":", 1)[1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), str(port), *GCS_BUCKETS],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the GCS emulator did not start")
+    yield url
+    proc.kill()
+    proc.wait()
 
 
 def tiny_model_config(**kw):

@@ -82,7 +82,7 @@ def test_json_column_layout_and_template(tmp_path):
 def test_glob_list_and_folder_sources(tmp_path):
     paths = write_all_formats(tmp_path / "d")
     kind, found = resolve_source(str(tmp_path / "d" / "*.json*"))
-    assert kind == "local" and [p.name for p in found] == ["a.json", "a.jsonl"]
+    assert kind == "files" and [p.name for p in found] == ["a.json", "a.jsonl"]
     docs = read_documents(cfg_for([str(paths["csv"]), str(tmp_path / "d" / "*.parquet")]))
     assert docs.texts == EXPECTED * 2
     kind, found = resolve_source(str(tmp_path / "d"))

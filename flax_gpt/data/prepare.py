@@ -1,43 +1,45 @@
-"""`prepare_shards`: documents -> document-level split -> tokens + EOS -> packed rows -> shards.
+"""`prepare_shards`: documents -> document-level split -> tokens + EOS -> packed rows -> shards, streamed.
 
-Packing (`data.packing=pack`, the default): each split's documents, in source order, are encoded,
-each followed by one EOS, concatenated, and cut into rows of exactly seq_len tokens. Documents span
-row boundaries; nothing is truncated or padded. Only the final partial row is dropped, and the
-manifest records how many tokens that was (`dropped_tokens`, always < seq_len).
+Memory is bounded by settings, not by the corpus: documents are read in batches of
+`data.read_batch_docs`, tokenized on all cores (tiktoken and `tokenizers` release the GIL, so a
+thread pool runs in parallel while the main thread parses the next batch), and rows are written to
+shards as each fills (`data.rows_per_shard`). Corpus statistics are exact streaming counts.
 
-`pad` (the usual Keras recipe, kept for comparison): one document a row, its tokens + EOS cut to
-seq_len (`dropped_tokens` counts what was cut), then padded with EOS. The loader masks the loss
-after the first EOS target of each row, so padding costs compute but is never learned.
+Work is done per unit (one per input file; see `sources.py`): each unit's documents, in order, go
+to the train or val split by a hash of (split_seed, unit key, document index) — deterministic
+without holding the corpus — and each split of each unit is packed on its own: every document
+followed by one EOS, concatenated, cut into rows of exactly seq_len tokens, the unit's final partial
+row dropped (`dropped_tokens`, < seq_len per unit and split). `pad` packing (the usual Keras recipe,
+for comparison): one document a row, cut to seq_len, padded with EOS.
 
-Split: a seeded permutation of document indices (`np.random.default_rng([split_seed, N])`) puts
-round(N * val_fraction) documents (at least 1 when val_fraction > 0 and N > 1) into `val`; each
-split then keeps source order. A document is in exactly one split.
-
-`flax-gpt prepare CONFIG [section.key=value ...] [--overwrite] [--verify]` runs it.
+Resumable and shareable: a finished unit leaves a part record (`.part-UUUUU.json`) naming its shards;
+a rerun after a kill redoes only unfinished units and gives byte-identical shards. Several processes
+(`--num-processes N --process-id I`, or under jax.distributed) each take every N-th unit of one job
+into a shared folder (e.g. gs://); whoever finds every part present writes the one manifest, and the
+bytes are the same whatever N.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from flax_gpt import storage
-from flax_gpt.errors import DataError
-from flax_gpt.data.shards import (
-    FORMAT_VERSION, MANIFEST_NAME, check_all_shards, read_manifest, shard_name, token_dtype,
-    write_manifest, write_shard,
-)
-from flax_gpt.data.sources import DocumentStream, source_fingerprint
-from flax_gpt.data.stats import corpus_stats, word_counts
+from flax_gpt.data.shards import (FORMAT_VERSION, MANIFEST_NAME, check_all_shards, read_manifest, shard_name,
+                                  token_dtype, write_manifest, write_shard)
+from flax_gpt.data.sources import DocumentCounter, Unit, check_not_empty, open_source
+from flax_gpt.data.stats import corpus_stats, count_lengths, word_counts
 from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.errors import DataError
 
 SPLITS = ("train", "val")
+ENCODE_CHUNK = 256  # documents per tokenizer job
+PART = ".part-{:05d}.json"
 
 
 def prepare_settings(cfg, tokenizer, source_fp: str) -> dict:
@@ -61,58 +63,109 @@ def fingerprint_of(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def split_documents(num_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask, True = validation document."""
-    n_val = int(round(num_docs * val_fraction))
-    if val_fraction > 0 and num_docs > 1:
-        n_val = min(max(n_val, 1), num_docs - 1)
-    is_val = np.zeros(num_docs, dtype=bool)
-    is_val[np.random.default_rng([seed, num_docs]).permutation(num_docs)[:n_val]] = True
-    return is_val
+def split_documents(unit_key: str, num_docs: int, val_fraction: float, seed: int, start: int = 0) -> np.ndarray:
+    """Boolean mask, True = validation, for documents start..start+num_docs-1 of a unit: a 64-bit
+    hash (splitmix64) of (seed, unit key, document index) below val_fraction."""
+    base = int.from_bytes(hashlib.sha256(f"{seed}\0{unit_key}".encode()).digest()[:8], "little")
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + num_docs, dtype=np.uint64) + np.uint64(base)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
 
 
-def pack_rows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
-    """(rows (n, T), dropped token count): contiguous rows of T tokens, final partial row dropped."""
-    n = tokens.size // seq_len
-    return tokens[: n * seq_len].reshape(n, seq_len), int(tokens.size - n * seq_len)
+class SplitWriter:
+    """One split of one unit: documents in, full rows out to shard files as they fill."""
+
+    def __init__(self, out, split: str, unit: int, cfg, dtype: np.dtype, eos_id: int, before_write):
+        self.out, self.split, self.unit, self.before_write = out, split, unit, before_write
+        self.seq_len, self.rows_per_shard, self.packing, self.eos = cfg.seq_len, cfg.rows_per_shard, cfg.packing, eos_id
+        self.rows = np.empty((self.rows_per_shard, self.seq_len), dtype)
+        self.filled = 0
+        self.carry = np.zeros(0, dtype)  # pack: tokens not yet in a full row
+        self.shards: list[dict] = []
+        self.tokens = self.documents = self.dropped = self.padding = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents (their ids + EOS, concatenated) in order."""
+        self.documents += lengths.size
+        if self.packing == "pack":
+            stream = np.concatenate([self.carry, tokens.astype(self.rows.dtype, copy=False)])
+            n = stream.size // self.seq_len
+            self._put(stream[: n * self.seq_len].reshape(n, self.seq_len))
+            self.carry = stream[n * self.seq_len:]
+            self.tokens += n * self.seq_len
+            return
+        starts = np.cumsum(lengths) - lengths
+        for s, n in zip(starts.tolist(), lengths.tolist()):  # one document a row, cut and padded
+            row = np.full((1, self.seq_len), self.eos, self.rows.dtype)
+            keep = min(n, self.seq_len)
+            row[0, :keep] = tokens[s:s + keep]
+            self._put(row)
+            self.tokens += keep
+            self.dropped += n - keep
+            self.padding += self.seq_len - keep
+
+    def _put(self, rows: np.ndarray) -> None:
+        while rows.shape[0]:
+            take = min(rows.shape[0], self.rows_per_shard - self.filled)
+            self.rows[self.filled:self.filled + take] = rows[:take]
+            self.filled += take
+            rows = rows[take:]
+            if self.filled == self.rows_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.filled:
+            self.before_write()
+            name = shard_name(self.split, self.unit, len(self.shards))
+            self.shards.append(write_shard(self.out, name, self.rows[: self.filled]))
+            self.filled = 0
+
+    def finish(self) -> dict:
+        self._flush()
+        self.dropped += self.carry.size
+        return {"rows": sum(e["rows"] for e in self.shards), "tokens": self.tokens, "documents": self.documents,
+                "dropped_tokens": self.dropped, "padding_tokens": self.padding, "shards": self.shards}
 
 
-def pad_rows(tokens: np.ndarray, lengths: np.ndarray, seq_len: int, eos_id: int) -> tuple[np.ndarray, int, int]:
-    """(rows (docs, T), kept tokens, cut tokens): one document a row, cut to T, padded with EOS."""
-    starts = np.cumsum(lengths) - lengths
-    keep = np.minimum(lengths, seq_len)
-    rows = np.full((lengths.size, seq_len), eos_id, dtype=tokens.dtype)
-    total = int(keep.sum())
-    row_of = np.repeat(np.arange(lengths.size), keep)
-    col = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
-    rows[row_of, col] = tokens[np.repeat(starts, keep) + col]
-    return rows, total, int(lengths.sum() - total)
+def prepare_unit(unit: Unit, index: int, cfg, tokenizer, out, pool: ThreadPoolExecutor, threads: int,
+                 before_write=lambda: None) -> dict:
+    """Read, split, tokenize and write one unit; return its part record."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {name: SplitWriter(out, name, index, cfg, dtype, tokenizer.eos_id, before_write) for name in SPLITS}
+    counter, words, tokens_len = DocumentCounter(), {}, {}
+    done = 0
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight = 0
 
+    def drain(limit: int) -> None:
+        nonlocal done, in_flight
+        while in_flight > limit:
+            future, n_words = pending.get()
+            in_flight -= 1
+            toks, lengths = future.result()  # lengths include the EOS
+            is_val = split_documents(unit.key, lengths.size, cfg.val_fraction, cfg.split_seed, start=done)
+            done += lengths.size
+            count_lengths(tokens_len, lengths - 1)
+            count_lengths(words, n_words)
+            token_is_val = np.repeat(is_val, lengths)
+            for name, sel, tsel in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
+                if sel.any():
+                    writers[name].add(toks[tsel], lengths[sel])
 
-ENCODE_CHUNK = 512  # documents per tokenizer job: small enough to start while the next file parses
-
-
-def encode_stream(stream, tokenizer) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(texts, tokens, lengths, word counts) of a DocumentStream, tokenizing while parsing.
-
-    Parsing (csv/json, whitespace normalisation) and word counting hold the GIL on this thread;
-    tiktoken releases it, so the jobs submitted to the pool run on the other cores meanwhile
-    instead of after reading."""
-    threads = max(1, getattr(tokenizer, "num_threads", os.cpu_count() or 1))
-    texts: list[str] = []
-    words: list[np.ndarray] = []
-    futures = []
-    with ThreadPoolExecutor(threads) as pool:
-        for chunk in stream:
-            for i in range(0, len(chunk), ENCODE_CHUNK):
-                futures.append(pool.submit(tokenizer.encode_concat, chunk[i:i + ENCODE_CHUNK], 1))
-            texts += chunk
-            words.append(word_counts(chunk))
-        parts = [f.result() for f in futures]
-    if not parts:
-        return texts, np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (texts, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            np.concatenate(words))
+    for table in unit.tables():
+        texts = counter.texts(table, cfg)
+        for i in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[i:i + ENCODE_CHUNK]
+            pending.put((pool.submit(tokenizer.encode_concat, chunk, 1), word_counts(chunk)))
+            in_flight += 1
+            drain(4 * threads)  # bounded: memory stays a few batches, whatever the corpus
+    drain(0)
+    return {"unit": index, "key": unit.key, "splits": {n: w.finish() for n, w in writers.items()},
+            "words": words, "tokens": tokens_len, "rows_read": counter.rows_read,
+            "empty_dropped": counter.empty_dropped, "invalid_utf8_replaced": counter.invalid_utf8_replaced}
 
 
 def _settings_diff(old: dict, new: dict) -> str:
@@ -126,110 +179,155 @@ def _settings_diff(old: dict, new: dict) -> str:
             out.append("data.source (files, contents or synthetic_docs)")
         elif key == "tokenizer_fingerprint":
             out.append("data.tokenizer (files)")
+        elif key == "format_version":
+            out.append(f"format {a} -> {b}")
         else:
             out.append(f"data.{key} {a!r} -> {b!r}")
     return ", ".join(out) if out else "format"
 
 
-def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=print) -> dict:
-    """Write `cfg.shards_dir/manifest.json` + shards (or reuse matching ones); return the manifest."""
+def _same_inputs(old: dict, settings: dict) -> bool:
+    """The same inputs, also for shards an earlier flax_gpt wrote in an older format (still read)."""
+    old_settings = dict(old.get("settings", {}))
+    return {**old_settings, "format_version": 0} == {**settings, "format_version": 0}
+
+
+def _read_part(out, index: int, fingerprint: str) -> dict | None:
+    path = storage.location(out) / PART.format(index)
+    try:
+        part = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+    if not part or part.get("fingerprint") != fingerprint:
+        return None
+    try:
+        check_all_shards(out, {"splits": part["splits"], "dtype": part["dtype"], "seq_len": part["seq_len"]})
+    except DataError:
+        return None
+    return part
+
+
+def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=print,
+                   num_processes: int = 1, process_id: int = 0) -> dict | None:
+    """Write `cfg.shards_dir/manifest.json` + shards (or reuse matching ones); return the manifest,
+    or None when this process finished its units and others are still working."""
     log = log or (lambda *_: None)
     cfg.validate()
-    out = Path(cfg.shards_dir)
+    out = cfg.shards_dir
     storage.check_output(out, "shards", reuse=True)
     storage.check_writable(out, "data.shards_dir")
-    source_fp, description, synthetic = source_fingerprint(cfg)  # resolves the source: fails early
+    source = open_source(cfg)  # resolves the source: fails early
     tokenizer = load_tokenizer(cfg.tokenizer)
-    settings = prepare_settings(cfg, tokenizer, source_fp)
+    settings = prepare_settings(cfg, tokenizer, source.fingerprint)
     fingerprint = fingerprint_of(settings)
+    folder = storage.location(out)
 
     old = None
-    if (out / MANIFEST_NAME).exists():
+    if (folder / MANIFEST_NAME).exists():
         try:
             old = read_manifest(out)
         except DataError:
             if not overwrite:
                 raise
         if old is not None and not overwrite:
-            if old.get("fingerprint") != fingerprint:
+            if old.get("fingerprint") != fingerprint and not _same_inputs(old, settings):
                 raise DataError(
                     f"{out} already holds shards prepared from different inputs (differs in: "
                     f"{_settings_diff(old.get('settings', {}), settings)}); pass --overwrite to replace "
                     "them (flax-gpt train: --overwrite-data) or set another data.shards_dir")
             try:
                 check_all_shards(out, old, verify=verify)
-                log(f"shards in {out} match the inputs (fingerprint {fingerprint[:12]}); reusing them")
+                log(f"shards in {out} match the inputs (fingerprint {old['fingerprint'][:12]}); reusing them")
                 return old
             except DataError as e:
                 log(f"existing shards are damaged ({e}); rebuilding them from the same inputs")
 
     t0 = time.perf_counter()
-    stream = DocumentStream(cfg)
-    texts, tokens, lengths, words = encode_stream(stream, tokenizer)  # lengths include the EOS
-    stream.check_not_empty(len(texts))
-    log(f"read {len(texts):,} documents from {description}"
-        + (f" ({stream.empty_dropped} empty dropped)" if stream.empty_dropped else ""))
-    dtype = token_dtype(tokenizer.vocab_size)
-    tokens = tokens.astype(dtype, copy=False)
-    is_val = split_documents(len(texts), cfg.val_fraction, cfg.split_seed)
-    token_is_val = np.repeat(is_val, lengths)
+    started = []
 
-    storage.mark(out, "shards")
-    if old is not None:  # overwrite: the old manifest goes first so it never describes new shards
-        (out / MANIFEST_NAME).unlink()
+    def start_writing():  # at the first write: nothing is created by a run that fails before
+        if not started:
+            storage.mark(out, "shards")
+            if old is not None and (folder / MANIFEST_NAME).exists():  # never describing new shards
+                (folder / MANIFEST_NAME).unlink()
+            started.append(True)
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    mine = [i for i in range(len(source.units)) if i % num_processes == process_id]
+    threads = max(1, getattr(tokenizer, "num_threads", 1))
+    with ThreadPoolExecutor(threads) as pool:
+        for i in mine:
+            if _read_part(out, i, fingerprint) is not None:
+                log(f"unit {i} ({source.units[i].key}) was finished by an earlier run; kept")
+                continue
+            part = prepare_unit(source.units[i], i, cfg, tokenizer, out, pool, threads, start_writing)
+            part.update(fingerprint=fingerprint, dtype=dtype.name, seq_len=cfg.seq_len)
+            start_writing()
+            storage.write_atomic(folder / PART.format(i), json.dumps(part))
+    parts = [_read_part(out, i, fingerprint) for i in range(len(source.units))]
+    if any(p is None for p in parts):
+        log(f"process {process_id}/{num_processes}: units {mine} written; the manifest is written by the "
+            "process that finishes last")
+        return None
+    manifest = _merge(parts, cfg, tokenizer, source, settings, fingerprint, dtype)
+    start_writing()
+    write_manifest(out, manifest)
+    _remove_stale(folder, manifest)
+    total = sum(s["tokens"] for s in manifest["splits"].values())
+    log(f"read {manifest['stats']['documents']:,} documents from {source.description}"
+        + (f" ({manifest['stats']['empty_dropped']} empty dropped)" if manifest["stats"]["empty_dropped"] else ""))
+    if cfg.val_fraction > 0 and manifest["splits"]["val"]["rows"] == 0:
+        log(f"warning: the validation split has no rows ({manifest['splits']['val']['tokens']:,} tokens < "
+            f"data.seq_len {cfg.seq_len}); training will run without evaluation - raise data.val_fraction "
+            "or add text")
+    log(f"wrote {sum(s['rows'] for s in manifest['splits'].values()):,} rows ({total:,} tokens) to {out} in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def _merge(parts: list[dict], cfg, tokenizer, source, settings: dict, fingerprint: str, dtype) -> dict:
     splits = {}
     for name in SPLITS:
-        sel = is_val if name == "val" else ~is_val
-        split_tokens = tokens[token_is_val == (name == "val")]
-        if cfg.packing == "pack":
-            rows, dropped = pack_rows(split_tokens, cfg.seq_len)
-            kept, padding = int(rows.size), 0
-        else:
-            rows, kept, dropped = pad_rows(split_tokens, lengths[sel], cfg.seq_len, tokenizer.eos_id)
-            padding = int(rows.size) - kept
-        shards = [write_shard(out / shard_name(name, i), rows[start:start + cfg.rows_per_shard])
-                  for i, start in enumerate(range(0, rows.shape[0], cfg.rows_per_shard))]
-        # tokens: real tokens stored in rows (EOS included, padding excluded).
-        splits[name] = {"rows": int(rows.shape[0]), "tokens": kept, "documents": int(sel.sum()),
-                        "dropped_tokens": dropped, "padding_tokens": padding, "shards": shards}
-
-    manifest = {
+        per = [p["splits"][name] for p in parts]
+        splits[name] = {k: sum(s[k] for s in per) for k in ("rows", "tokens", "documents", "dropped_tokens",
+                                                             "padding_tokens")}
+        splits[name]["shards"] = [e for s in per for e in s["shards"]]
+    words, tokens, counter = {}, {}, DocumentCounter()
+    for p in parts:
+        for target, counts in ((words, p["words"]), (tokens, p["tokens"])):
+            for k, v in counts.items():
+                target[int(k)] = target.get(int(k), 0) + v
+        counter.rows_read += p["rows_read"]
+        counter.empty_dropped += p["empty_dropped"]
+        counter.invalid_utf8_replaced += p["invalid_utf8_replaced"]
+    check_not_empty(sum(tokens.values()), counter, source.description)
+    return {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer.describe(),
         "seq_len": cfg.seq_len,
         "dtype": dtype.name,
         "packing": cfg.packing,
-        "source": {"description": description, "fingerprint": source_fp, "synthetic": synthetic,
+        "source": {"description": source.description, "fingerprint": source.fingerprint,
+                   "synthetic": source.synthetic, "units": [p["key"] for p in parts],
                    "spec": cfg.source if isinstance(cfg.source, str) else list(map(str, cfg.source)),
                    "text_column": settings["text_column"], "template": settings["template"]},
         "fingerprint": fingerprint,
         "settings": settings,
         "splits": splits,
-        "stats": corpus_stats(texts, lengths - 1, empty_dropped=stream.empty_dropped,
-                              invalid_utf8_replaced=stream.invalid_utf8_replaced, words=words),
-        "created_unix": round(time.time(), 3),
+        "stats": corpus_stats(words, tokens, empty_dropped=counter.empty_dropped,
+                              invalid_utf8_replaced=counter.invalid_utf8_replaced),
     }
-    write_manifest(out, manifest)
-    _remove_stale(out, old, manifest)
-    if cfg.val_fraction > 0 and splits["val"]["rows"] == 0:
-        log(f"warning: the validation split has no rows ({splits['val']['tokens']:,} tokens < data.seq_len "
-            f"{cfg.seq_len}); training will run without evaluation - raise data.val_fraction or add text")
-    total = sum(s["tokens"] for s in splits.values())
-    log(f"wrote {sum(s['rows'] for s in splits.values()):,} rows ({total:,} tokens) to {out} in "
-        f"{time.perf_counter() - t0:.1f}s")
-    return manifest
 
 
-def _remove_stale(out: Path, old: dict | None, new: dict) -> None:
-    """Delete shard files of a replaced manifest that the new one does not use, and stray tmps."""
-    keep = {e["file"] for s in new["splits"].values() for e in s["shards"]}
-    stale = set()
-    if old is not None:
-        stale |= {e["file"] for s in old.get("splits", {}).values() for e in s.get("shards", [])}
-    stale |= {p.name for p in out.glob(".*.tmp")}  # leftovers of an interrupted write
-    for name in stale - keep:
-        try:
-            (out / name).unlink()
-        except FileNotFoundError:
-            pass
-
+def _remove_stale(folder, manifest: dict) -> None:
+    """Delete what the manifest does not use: shards of a replaced manifest, part records, tmps."""
+    keep = {e["file"] for s in manifest["splits"].values() for e in s["shards"]}
+    for p in folder.iterdir():
+        name = p.name
+        ours = name.endswith(".npy") and name.split("-")[0] in SPLITS or name.startswith(".part-") or \
+            (name.startswith(".") and name.endswith(".tmp"))
+        if ours and name not in keep:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass

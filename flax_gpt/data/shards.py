@@ -1,9 +1,11 @@
-"""The on-disk format (**contract**): `<shards_dir>/manifest.json` + `<split>-NNNNN.npy` shards.
+"""The on-disk format (**contract**): `<shards_dir>/manifest.json` + `<split>-UUUUU-NNNNN.npy` shards
+(format 2: unit U's N-th shard of a split; format 1's `<split>-NNNNN.npy` is still read).
 
 Each shard is a plain `.npy` array of shape (rows, seq_len), dtype uint16 when the vocabulary fits
-(< 65536 ids) else uint32, `rows_per_shard` rows except the split's last shard. Files are written
-to a temporary name and renamed into place, and the manifest is written last, so a folder with a
-manifest always has complete shards (a crash leaves at worst stray `.tmp` files).
+(< 65536 ids) else uint32, `rows_per_shard` rows except a unit's last shard of a split. Files are
+written to a temporary name and renamed into place (a bucket object is written whole), and the
+manifest is written last, so a folder with a manifest always has complete shards. The manifest's
+`splits.<split>.shards` lists them in order; readers need nothing else.
 
 `open_split` checks, in this order: manifest present and readable, format version, tokenizer
 vocab vs the model's vocab, seq_len vs the config, each shard present with the expected shape and
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from flax_gpt import storage
 from flax_gpt.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards named per input unit, hash split; 1 (one stream per split) is still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 REPREPARE = "re-run `flax-gpt prepare` with --overwrite"
 
@@ -32,47 +36,68 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.npy"
+def shard_name(split: str, unit: int, index: int) -> str:
+    return f"{split}-{unit:05d}-{index:05d}.npy"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_shard(path: Path, rows: np.ndarray) -> dict:
-    """Write one (rows, T) array as .npy atomically; return its manifest entry."""
+def shard_bytes(rows: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(rows), allow_pickle=False)
-    data = buf.getbuffer()
-    write_atomic(path, data)
-    return {"file": path.name, "rows": int(rows.shape[0]), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return buf.getvalue()
 
 
-def write_manifest(shards_dir: Path, manifest: dict) -> None:
-    write_atomic(shards_dir / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+def write_shard(shards_dir, name: str, rows: np.ndarray) -> dict:
+    """Write one (rows, T) array as .npy (atomically: a temporary name, then renamed); return its
+    manifest entry."""
+    data = shard_bytes(rows)
+    storage.write_atomic(storage.location(shards_dir) / name, data)
+    return {"file": name, "rows": int(rows.shape[0]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_manifest(shards_dir: str | os.PathLike) -> dict:
-    path = Path(shards_dir) / MANIFEST_NAME
-    if not path.is_file():
-        hint = "" if Path(shards_dir).is_dir() else " (the folder does not exist)"
+def write_manifest(shards_dir, manifest: dict) -> None:
+    storage.write_atomic(storage.location(shards_dir) / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(shards_dir) -> dict:
+    folder = storage.location(shards_dir)
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        hint = "" if folder.is_dir() else " (the folder does not exist)"
         raise DataError(f"no {MANIFEST_NAME} in {shards_dir}{hint}; run `flax-gpt prepare CONFIG` first "
                         "or point data.shards_dir at prepared shards")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is unreadable ({type(e).__name__}); {REPREPARE}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise DataError(f"{path} is not a flax_gpt shard manifest; {REPREPARE}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in READABLE_VERSIONS:
         raise DataError(f"{path} has format_version {manifest['format_version']} but this flax_gpt "
-                        f"reads version {FORMAT_VERSION}; {REPREPARE}")
+                        f"reads versions {READABLE_VERSIONS}; {REPREPARE}")
     return manifest
+
+
+def local_copy(shards_dir, manifest: dict) -> Path:
+    """The shards as a local folder: the folder itself, or for a bucket a verified local cache.
+
+    Bucket shards are downloaded once into FLAX_GPT_CACHE/shards/<manifest fingerprint>/ and each
+    file's sha256 checked against the manifest (cost: the shards' size on local disk and one read
+    of them; training then memory-maps them like local shards)."""
+    if not storage.is_remote(shards_dir):
+        return Path(str(storage.location(shards_dir)))
+    cache = storage.cache_dir("shards") / manifest["fingerprint"][:32]
+    cache.mkdir(parents=True, exist_ok=True)
+    remote = storage.location(shards_dir)
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            dest = cache / entry["file"]
+            if dest.is_file() and dest.stat().st_size == entry["bytes"]:
+                continue
+            data = (remote / entry["file"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise DataError(f"shard {remote / entry['file']} fails its sha256 check (corrupted); {REPREPARE}")
+            storage.write_atomic(dest, data)
+    return cache
 
 
 def _npy_header(path: Path) -> tuple[tuple, np.dtype, int]:
@@ -108,18 +133,28 @@ def check_shard(shards_dir: Path, entry: dict, seq_len: int, dtype: np.dtype, ve
     return path
 
 
-def check_all_shards(shards_dir: str | os.PathLike, manifest: dict, verify: bool = False) -> None:
+def check_all_shards(shards_dir, manifest: dict, verify: bool = False) -> None:
+    if storage.is_remote(shards_dir):  # every object present with its size; --verify reads them
+        folder = storage.location(shards_dir)
+        for split in manifest["splits"].values():
+            for entry in split["shards"]:
+                path = folder / entry["file"]
+                if not path.exists() or path.stat().length != entry["bytes"]:
+                    raise DataError(f"shard {path} is missing or truncated; {REPREPARE}")
+                if verify and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+                    raise DataError(f"shard {path} fails its sha256 check (corrupted); {REPREPARE}")
+        return
     dtype = np.dtype(manifest["dtype"])
     for split in manifest["splits"].values():
         for entry in split["shards"]:
-            check_shard(Path(shards_dir), entry, manifest["seq_len"], dtype, verify)
+            check_shard(Path(str(storage.location(shards_dir))), entry, manifest["seq_len"], dtype, verify)
 
 
 @dataclass
 class TokenRows:
     """A split's packed rows, memory-mapped; `rows(indices)` gathers them as int32 (n, T)."""
 
-    shards_dir: Path
+    shards_dir: str | Path
     split: str
     manifest: dict
     _arrays: list = field(default_factory=list, repr=False)
@@ -164,15 +199,15 @@ class TokenRows:
         if out.max(initial=0) >= self.vocab_size:
             bad = int(shard[np.flatnonzero((out >= self.vocab_size).any(axis=1))[0]])
             entry = self.manifest["splits"][self.split]["shards"][bad]
-            raise DataError(f"shard {self.shards_dir / entry['file']} holds token ids >= the tokenizer's vocab "
+            raise DataError(f"shard {storage.location(self.shards_dir) / entry['file']} holds token ids >= the tokenizer's vocab "
                             f"size {self.vocab_size} (damaged); {REPREPARE}")
         return out
 
 
-def open_split(shards_dir: str | os.PathLike, split: str, *, vocab_size: int | None = None,
+def open_split(shards_dir, split: str, *, vocab_size: int | None = None,
                seq_len: int | None = None, verify: bool = False) -> TokenRows:
-    """Memory-map one split after checking it against the model (vocab) and config (seq_len)."""
-    shards_dir = Path(shards_dir)
+    """Memory-map one split after checking it against the model (vocab) and config (seq_len).
+    Shards in a bucket are read from a verified local cache (`local_copy`)."""
     manifest = read_manifest(shards_dir)
     tok = manifest["tokenizer"]
     if vocab_size is not None and tok["vocab_size"] > vocab_size:
@@ -187,9 +222,10 @@ def open_split(shards_dir: str | os.PathLike, split: str, *, vocab_size: int | N
         raise DataError(f"split {split!r} not in {shards_dir}/{MANIFEST_NAME} (has "
                         f"{sorted(manifest['splits'])}); {REPREPARE}")
     dtype = np.dtype(manifest["dtype"])
+    local = local_copy(shards_dir, manifest)
     arrays, starts = [], [0]
     for entry in manifest["splits"][split]["shards"]:
-        path = check_shard(shards_dir, entry, manifest["seq_len"], dtype, verify)
+        path = check_shard(local, entry, manifest["seq_len"], dtype, verify)
         arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
         starts.append(starts[-1] + entry["rows"])
     return TokenRows(shards_dir, split, manifest, arrays, np.asarray(starts, dtype=np.int64))

@@ -1,6 +1,7 @@
 """Corpus statistics for the manifest (`stats`, read by the report plots) and `describe_stats`.
 
-Document lengths are measured on the final document text (after template and whitespace
+Everything is computed from streaming counts ({length: documents}), exact and independent of the
+corpus size. Document lengths are measured on the final document text (after template and whitespace
 normalisation): words = `len(text.split())`; tokens = the tokenizer's ids for the text, WITHOUT the
 EOS we append (the length a reader thinks of as "the document"; packing stores length + 1).
 
@@ -20,37 +21,47 @@ PAD_TRUNCATE_LEN = 300
 HIST_BINS = 40
 
 
-def length_stats(lengths: np.ndarray, bins: int = HIST_BINS) -> dict:
-    """mean/median/mode/min/max and an equal-width histogram of integer lengths."""
-    x = np.asarray(lengths, dtype=np.int64)
+def _values_counts(counts: dict) -> tuple[np.ndarray, np.ndarray]:
+    if not counts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    values = np.array(sorted(int(v) for v in counts), dtype=np.int64)
+    return values, np.array([counts[v] if v in counts else counts[str(v)] for v in values], dtype=np.int64)
+
+
+def length_stats(counts: dict, bins: int = HIST_BINS) -> dict:
+    """mean/median/mode/min/max and an equal-width histogram, from {length: number of documents}
+    (exact, and as big as the number of distinct lengths, not the corpus)."""
+    x, n = _values_counts(counts)
     if x.size == 0:
         return {"mean": 0.0, "median": 0.0, "mode": 0, "min": 0, "max": 0,
                 "histogram": {"bin_edges": [0, 1], "counts": [0]}}
-    lo, hi = int(x.min()), int(x.max())
+    lo, hi, total = int(x[0]), int(x[-1]), int(n.sum())
     # Integer-aligned edges so every bin covers the same count of possible lengths.
     width = max(1, -(-(hi + 1 - lo) // bins))
     edges = np.arange(lo, hi + width + 1, width)
-    counts, _ = np.histogram(x, bins=edges)
-    mode = int(np.argmax(np.bincount(x - lo))) + lo  # most frequent exact length (smallest on ties)
+    hist, _ = np.histogram(x, bins=edges, weights=n)
+    cum = np.cumsum(n)
+    lower, upper = x[np.searchsorted(cum, (total - 1) // 2, side="right")], x[np.searchsorted(cum, total // 2,
+                                                                                               side="right")]
     return {
-        "mean": round(float(x.mean()), 3), "median": float(np.median(x)), "mode": mode,
+        "mean": round(float((x * n).sum() / total), 3), "median": (float(lower) + float(upper)) / 2,
+        "mode": int(x[np.argmax(n)]),  # most frequent exact length (smallest on ties)
         "min": lo, "max": hi,
-        "histogram": {"bin_edges": [int(e) for e in edges], "counts": [int(c) for c in counts]},
+        "histogram": {"bin_edges": [int(e) for e in edges], "counts": [int(c) for c in hist]},
     }
 
 
-def pad_truncate_stats(token_lengths: np.ndarray, length: int = PAD_TRUNCATE_LEN) -> dict:
-    n = np.asarray(token_lengths, dtype=np.int64)
-    if n.size == 0:
+def pad_truncate_stats(token_counts: dict, length: int = PAD_TRUNCATE_LEN) -> dict:
+    x, n = _values_counts(token_counts)
+    if x.size == 0:
         return {"length": length, "padding_fraction": 0.0, "truncated_documents_fraction": 0.0,
                 "truncated_tokens_fraction": 0.0}
-    pad = np.maximum(0, length - n).sum()
-    cut = np.maximum(0, n - length).sum()
+    docs = n.sum()
     return {
         "length": length,
-        "padding_fraction": round(float(pad / (n.size * length)), 6),
-        "truncated_documents_fraction": round(float((n > length).mean()), 6),
-        "truncated_tokens_fraction": round(float(cut / max(1, n.sum())), 6),
+        "padding_fraction": round(float((np.maximum(0, length - x) * n).sum() / (docs * length)), 6),
+        "truncated_documents_fraction": round(float(n[x > length].sum() / docs), 6),
+        "truncated_tokens_fraction": round(float((np.maximum(0, x - length) * n).sum() / max(1, (x * n).sum())), 6),
     }
 
 
@@ -58,18 +69,23 @@ def word_counts(texts: list[str]) -> np.ndarray:
     return np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
 
 
-def corpus_stats(texts: list[str], token_lengths: np.ndarray, *, empty_dropped: int,
-                 invalid_utf8_replaced: int, words: np.ndarray | None = None) -> dict:
-    """The manifest's `stats` block; `token_lengths` excludes the appended EOS; `words` may be
-    precomputed `word_counts(texts)`."""
+def count_lengths(counts: dict, lengths: np.ndarray) -> None:
+    """Add documents' lengths to a {length: count} dict."""
+    values, n = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    for v, c in zip(values.tolist(), n.tolist()):
+        counts[v] = counts.get(v, 0) + c
+
+
+def corpus_stats(word_counts_: dict, token_counts: dict, *, empty_dropped: int, invalid_utf8_replaced: int) -> dict:
+    """The manifest's `stats` block from length counts; token lengths exclude the appended EOS."""
     return {
-        "documents": len(texts),
+        "documents": int(sum(token_counts.values())),
         "empty_dropped": int(empty_dropped),
         "invalid_utf8_replaced": int(invalid_utf8_replaced),
         "tokens_include_eos": False,
-        "words": length_stats(word_counts(texts) if words is None else words),
-        "tokens": length_stats(token_lengths),
-        "pad_truncate_300": pad_truncate_stats(token_lengths),
+        "words": length_stats(word_counts_),
+        "tokens": length_stats(token_counts),
+        "pad_truncate_300": pad_truncate_stats(token_counts),
     }
 
 

@@ -201,14 +201,20 @@ class _Grammar:
         return r.choice(TITLES).format_map(slots), text[:1].upper() + text[1:]
 
 
-def generate_table(n: int, seed: int = SYNTHETIC_SEED) -> dict[str, list[str]]:
-    """Columns `title` and `abstract` for n synthetic documents (same (seed, n) -> same text)."""
+def generate_batches(n: int, batch: int, seed: int = SYNTHETIC_SEED):
+    """Columns `title` and `abstract` of n synthetic documents, `batch` at a time; the same
+    (seed, n) gives the same text, however it is batched."""
     # random.Random seeded with an int gives the same stream on every Python 3 version.
     grammar = _Grammar(random.Random(seed * 1000 + GENERATOR_VERSION))
-    titles, abstracts = [], []
-    for _ in range(n):
-        t, a = grammar.document()
-        titles.append(t)
-        abstracts.append(a)
-    return {"title": titles, "abstract": abstracts}
+    for start in range(0, n, max(1, batch)):
+        docs = [grammar.document() for _ in range(min(batch, n - start))]
+        yield {"title": [t for t, _ in docs], "abstract": [a for _, a in docs]}
 
+
+def generate_table(n: int, seed: int = SYNTHETIC_SEED) -> dict[str, list[str]]:
+    """Columns `title` and `abstract` for n synthetic documents at once."""
+    out = {"title": [], "abstract": []}
+    for part in generate_batches(n, max(1, n), seed):
+        for k in out:
+            out[k] += part[k]
+    return out

@@ -31,15 +31,16 @@ from flax_gpt.model.hf import hf_config_dict, to_hf_state_dict
 from flax_gpt.train.state import load_params
 
 
-def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer: str = "gpt2",
+def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2",
               dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
               check=None) -> Path:
-    """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished temporary folder."""
-    out = Path(out_dir)
+    """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished local folder before
+    it is put in place (moved, or for a bucket uploaded)."""
+    out = out_dir
     storage.check_output(out, "export", overwrite=overwrite)
     storage.check_writable(out, "export folder")
     storage.clean_temp_siblings(out)
-    tmp = storage.temp_sibling(out)
+    tmp = storage.staging_folder(out)
     try:
         sd = to_hf_state_dict(params, cfg)
         if dtype == "bfloat16":
@@ -59,7 +60,7 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir: str | Path, *, tokenizer:
         storage.mark(tmp, "export")
         if check is not None:
             check(tmp)
-        storage.replace_folder(tmp, out)
+        storage.publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -105,8 +106,7 @@ def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: 
     return diff
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, step=None, dtype: str = "float32",
-               overwrite: bool = False) -> tuple[Path, float]:
+def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bool = False):
     """`flax-gpt export`: a run's checkpoint -> HF folder with model card, reloaded and compared.
 
     Returns (folder, max logit difference against transformers)."""

@@ -13,6 +13,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from flax_gpt.errors import HFError
+from flax_gpt import storage
 from flax_gpt.storage import MARKER
 
 
@@ -41,7 +42,8 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     (default: `HF_ENDPOINT` or huggingface.co). Any Hub failure raises one-line `HFError`; the
     local folder is only read, never changed.
     """
-    folder = Path(folder)
+    folder = storage.cached_copy(str(folder), "exports", what="export folder") if storage.is_remote(folder) \
+        else Path(folder)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise HFError(f"{folder} is not an export folder (no config.json); run `flax-gpt export` first")
     token = token or os.environ.get("HF_TOKEN") or None

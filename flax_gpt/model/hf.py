@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from flax_gpt.config import GPT2_EOS_ID, MODEL_PRESETS, ModelConfig
 from flax_gpt.errors import HFError
+from flax_gpt import storage
 from flax_gpt.storage import is_hub_id
 
 
@@ -129,7 +130,10 @@ def hf_config_dict(cfg: ModelConfig, eos_id: int = GPT2_EOS_ID) -> dict:
 
 
 def resolve_source(src: str) -> Path:
-    """An HF model folder, or a Hub id downloaded (safetensors and JSON only) to the local cache."""
+    """An HF model folder (local, or in a bucket: copied to a local cache), or a Hub id downloaded
+    (safetensors and JSON only) to the local cache."""
+    if storage.is_remote(src):
+        return storage.cached_copy(src, "models", what="model folder")
     p = Path(src)
     if p.exists():
         if not p.is_dir():

@@ -38,7 +38,7 @@ CORPUS_TOKEN_CAP = 300_000  # enough text for a stable word cloud; decoding more
 
 def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), one per step (the later line wins), sorted by step."""
-    if not (run_dir / METRICS_FILE).is_file():
+    if not (run_dir / METRICS_FILE).exists():
         raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass the train.run_dir of a run that has trained "
                           f"(`flax-gpt train CONFIG train.run_dir={run_dir}`)")
     try:
@@ -174,16 +174,16 @@ def write_html(out: Path, run_dir: Path, cfg, summary: dict, figures: list[tuple
 # ----------------------------------------------------------------------------- the verb
 
 
-def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int = 64,
+def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
                  prompts: Sequence[str] = DEFAULT_PROMPTS, say=print) -> Path:
     """Write RUN_DIR/report/{*.png, index.html, summary.json}; return the index.html path.
 
     `samples` continuations of `max_new_tokens` per prompt (0: none). Parts whose inputs are missing
     (no shards here, no checkpoint yet) are left out with a note; a missing metrics.jsonl is an error.
     """
-    run_dir = Path(run_dir)
+    shown, run_dir = run_dir, storage.location(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; pass the train.run_dir of a trained run")
+        raise ConfigError(f"run directory {shown} does not exist; pass the train.run_dir of a trained run")
     cfg = read_run_config(run_dir)
     train, evals = read_series(run_dir)
     notes: list[str] = []
@@ -198,8 +198,9 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
         else:  # prompt-major order; each text is prompt + continuation, the clouds show the continuation
             texts = {p: [t[len(p):] if t.startswith(p) else t for t in flat[i * samples:(i + 1) * samples]]
                      for i, p in enumerate(prompts)}
-    out = run_dir / REPORT_DIR
-    storage.check_output(out, "report", reuse=True)
+    target = run_dir / REPORT_DIR
+    storage.check_output(target, "report", reuse=True)
+    out = storage.staging_folder(target) if storage.is_remote(target) else Path(str(target))
     storage.mark(out, "report")
     figures = [
         (plot_loss(out, train, evals), "Training loss (per step) and validation loss (markers) against "
@@ -233,4 +234,8 @@ def write_report(run_dir: str | Path, *, samples: int = 10, max_new_tokens: int 
     (out / "summary.json").write_text(json.dumps({**summary, "samples": texts, "notes": notes}, indent=1) + "\n")
     for n in notes:
         say(f"note: {n}")
-    return write_html(out, run_dir, cfg, summary, figures, manifest, texts, notes)
+    index = write_html(out, run_dir, cfg, summary, figures, manifest, texts, notes)
+    if storage.is_remote(target):  # built locally, then uploaded into the bucket run directory
+        storage.publish_folder(out, target)
+        return target / index.name
+    return index

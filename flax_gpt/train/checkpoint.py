@@ -11,9 +11,6 @@ Nothing is created on disk until the first save.
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,26 +18,16 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from flax_gpt import storage
 from flax_gpt.errors import CheckpointError, StorageError
 
 DAMAGED_DIR = "damaged_checkpoints"
 
 
-def _reason(e: BaseException) -> str:
-    """A short cause: the OS error when there is one (TensorStore reports it as `os_error_code`)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(e))
-    if code:
-        return os.strerror(int(code.group(1)))
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
-
-
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, *, keep: int = 3, keep_best: bool = True,
+    def __init__(self, run_dir, *, keep: int = 3, keep_best: bool = True,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = storage.location(run_dir) / "checkpoints"
         self.read_only = read_only
         keep_policies = [policies.LatestN(n=max(1, keep))]
         if keep_best:
@@ -105,11 +92,11 @@ class Checkpointer:
     def _save_error(self, step: int | None, e: OSError) -> StorageError:
         committed = [s for s in self.steps() if s != step]
         kept = f"checkpoint {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
-        return StorageError(f"could not write checkpoint {step} to {self.directory} ({_reason(e)}); {kept}; "
+        return StorageError(f"could not write checkpoint {step} to {self.directory} ({storage.error_reason(e)}); {kept}; "
                             "free space or fix the folder, then rerun the same command to resume")
 
     def has_opt_state(self, step: int) -> bool:
-        return (self.directory / str(step) / "train").is_dir()
+        return (self.directory / str(step) / "train").exists()
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None, abstract_rng=None) -> dict:
         """Restore one step into the given abstract targets (ShapeDtypeStructs with shardings).
@@ -127,7 +114,7 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for a damaged step
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable ({_reason(e)}); "
+            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable ({storage.error_reason(e)}); "
                                   "pass another --step or retrain") from None
         result = {"params": out["params"], "meta": dict(out["meta"])}
         if with_opt:
@@ -151,15 +138,15 @@ class Checkpointer:
                     f"moved to {aside}; {then}")
         return None
 
-    def _set_aside(self, step: int) -> Path:
+    def _set_aside(self, step: int):
         """Move a damaged step out of the way (kept for inspection, never deleted), so training can
         write that step again."""
         dest = self.directory.parent / DAMAGED_DIR / str(step)
         if jax.process_index() == 0:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
-                dest = dest.with_name(f"{step}.{len(list(dest.parent.iterdir()))}")
-            (self.directory / str(step)).rename(dest)
+                dest = dest.parent / f"{step}.{len(list(dest.parent.iterdir()))}"
+            storage.move(self.directory / str(step), dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"flax_gpt.set_aside.{step}")
         self.manager.reload()

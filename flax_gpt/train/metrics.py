@@ -16,12 +16,16 @@ from __future__ import annotations
 import collections
 import json
 import math
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from tqdm import tqdm
 
+from flax_gpt import storage
 from flax_gpt.model import flops
 
 METRICS_FILE = "metrics.jsonl"
@@ -44,22 +48,43 @@ class MetricsWriter:
 
     `purge_step`: when resuming from a checkpoint at that step, TensorBoard hides the events the
     previous run wrote at or after it, so the curves don't fold back on themselves.
+
+    A bucket run directory (gs://) cannot be appended to: the files are written to a local staging
+    folder and uploaded whole by `sync()` (at evaluations and checkpoints, at most `sync_every_s`
+    apart, and on close).
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool, purge_step: int | None = None):
-        self.enabled, self.purge_step = enabled, purge_step
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / METRICS_FILE
+    def __init__(self, run_dir, *, enabled: bool, purge_step: int | None = None, sync_every_s: float = 30.0):
+        self.enabled, self.purge_step, self.sync_every_s = enabled, purge_step, sync_every_s
+        self.run_dir = storage.location(run_dir)
+        self.remote = storage.is_remote(run_dir)
+        self._local: Path | None = None
         self._file = None
         self._tb = None
+        self._synced = time.monotonic()
 
     def _open(self) -> None:
         """Files are created by the first record, so a run that never trains a step writes nothing."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        if self.remote:
+            self._local = Path(tempfile.mkdtemp(prefix="flax_gpt-metrics-"))
+            if (self.run_dir / METRICS_FILE).exists():  # resuming: keep the history
+                (self._local / METRICS_FILE).write_bytes((self.run_dir / METRICS_FILE).read_bytes())
+        else:
+            self._local = Path(str(self.run_dir))
+            self._local.mkdir(parents=True, exist_ok=True)
+        self._file = (self._local / METRICS_FILE).open("a", encoding="utf-8")
         from tensorboardX import SummaryWriter  # deferred: heavy (protobuf), only the writing host needs it
 
-        self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), purge_step=self.purge_step)
+        self._tb = SummaryWriter(logdir=str(self._local / TB_DIR), purge_step=self.purge_step)
+
+    def sync(self) -> None:
+        """Upload the staged files to a bucket run directory (nothing to do for a local one)."""
+        if not (self.remote and self._local is not None):
+            return
+        self._file.flush()
+        self._tb.flush()
+        storage.upload_folder(self._local, self.run_dir)
+        self._synced = time.monotonic()
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record (must contain `step`); values may be numpy or jax scalars."""
@@ -82,14 +107,20 @@ class MetricsWriter:
                 continue
             self._tb.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
         self._tb.flush()
+        if self.remote and (prefix == "eval" or time.monotonic() - self._synced > self.sync_every_s):
+            self.sync()
 
     def close(self) -> None:
         if self._file is not None:
+            self.sync()
             self._file.close()
             self._file = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.remote and self._local is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
+            self._local = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -98,15 +129,15 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir) -> list[dict[str, Any]]:
     """All records of `RUN_DIR/metrics.jsonl` in file order ([] when there is no file).
 
     A final line cut short by a crash mid-write is skipped; a damaged line elsewhere is an error.
     """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    path = storage.location(run_dir) / METRICS_FILE
+    if not path.exists():
         return []
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     records = []
     for i, ln in enumerate(lines):
         try:

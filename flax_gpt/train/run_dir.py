@@ -24,13 +24,13 @@ CONFIG_FILE = "config.yaml"
 _RUN_LENGTH = ("train.steps", "train.epochs")
 
 
-def read_run_config(run_dir: str | Path) -> Config:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        hint = "" if Path(run_dir).is_dir() else " (the folder does not exist)"
+def read_run_config(run_dir) -> Config:
+    path = storage.location(run_dir) / CONFIG_FILE
+    if not path.exists():
+        hint = "" if storage.location(run_dir).is_dir() else " (the folder does not exist)"
         raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE}){hint}; pass the train.run_dir "
                           "of a run")
-    return config_from_yaml(path.read_text(encoding="utf-8"), str(path))
+    return config_from_yaml(path.read_text(), str(path))
 
 
 def check_resume_compatible(old: Config, new: Config) -> None:
@@ -53,8 +53,8 @@ def trained_steps(ckpt: Checkpointer) -> list[int]:
 def check_run_dir(cfg: Config) -> bool:
     """Check, without writing anything, that `cfg` may train in its run directory. True when it
     resumes trained checkpoints. Raises naming the problem (foreign folder, changed setting...)."""
-    run_dir = Path(cfg.train.run_dir)
-    storage.check_output(run_dir, "run", reuse=True)
+    run_dir = storage.location(cfg.train.run_dir)
+    storage.check_output(cfg.train.run_dir, "run", reuse=True)
     storage.check_writable(run_dir, "train.run_dir")
     if storage.folder_kind(run_dir) != "run":
         return False
@@ -67,7 +67,7 @@ def check_run_dir(cfg: Config) -> bool:
         ckpt.close()
     if not steps:
         return False
-    if not (run_dir / CONFIG_FILE).is_file():
+    if not (run_dir / CONFIG_FILE).exists():
         raise ConfigError(f"run directory {run_dir} has checkpoints but no {CONFIG_FILE}; restore the file "
                           "or use a new train.run_dir")
     old = read_run_config(run_dir)
@@ -82,7 +82,7 @@ def commit_config(cfg: Config) -> None:
     """Mark the run directory as ours and write the resolved config (process 0; atomic)."""
     if jax.process_index() != 0:
         return
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = storage.location(cfg.train.run_dir)
     storage.mark(run_dir, "run")
     storage.write_atomic(run_dir / CONFIG_FILE, config_yaml(cfg))
 
@@ -105,19 +105,20 @@ def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:
     return int(step)
 
 
-def find_shards(run_dir: str | Path, cfg: Config) -> Path | None:
+def find_shards(run_dir, cfg: Config):
     """The run's shards folder. A relative `data.shards_dir` is relative to where training ran;
     when that is not here, recover it from the run directory (whose train.run_dir shares that base)."""
-    shards = Path(cfg.data.shards_dir)
-    candidates = [shards]
-    rel = Path(cfg.train.run_dir)
-    parts = Path(run_dir).resolve().parts
-    if not shards.is_absolute() and not rel.is_absolute() and parts[-len(rel.parts):] == rel.parts:
-        candidates.append(Path(*parts[: len(parts) - len(rel.parts)]) / shards)
-    return next((c for c in candidates if (c / MANIFEST_NAME).is_file()), None)
+    candidates = [storage.location(cfg.data.shards_dir)]
+    shards, rel = Path(cfg.data.shards_dir), Path(cfg.train.run_dir)
+    if not storage.is_remote(run_dir) and not storage.is_remote(cfg.data.shards_dir) and not shards.is_absolute() \
+            and not rel.is_absolute():
+        parts = Path(run_dir).resolve().parts
+        if parts[-len(rel.parts):] == rel.parts:
+            candidates.append(storage.location(Path(*parts[: len(parts) - len(rel.parts)]) / shards))
+    return next((c for c in candidates if (c / MANIFEST_NAME).exists()), None)
 
 
-def run_manifest(run_dir: str | Path, cfg: Config) -> dict | None:
+def run_manifest(run_dir, cfg: Config) -> dict | None:
     """The manifest of the run's shards, or None when they are not here (or unreadable)."""
     shards = find_shards(run_dir, cfg)
     if shards is None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_gpt import storage
 from flax_gpt.config import Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, abstract_params, init_params
@@ -115,7 +115,7 @@ class StateBuilder:
 
     def params_from(self, source: str, say=print):
         """Parameters of another run directory or an HF folder/Hub id, placed on this mesh."""
-        if (Path(source) / CONFIG_FILE).is_file():  # another run directory
+        if (storage.location(source) / CONFIG_FILE).exists():  # another run directory
             src_cfg, params, step, _ = load_params(source, mesh=self.mesh)
             check_same_architecture(self.cfg.model, src_cfg.model, source)
             say(f"initialised from {source} (step {step})")
@@ -127,7 +127,7 @@ class StateBuilder:
         return place(params, self.param_sh)
 
 
-def load_params(run_dir: str | Path, step: int | str | None = None, *, mesh=None) -> tuple[Config, dict, int, dict]:
+def load_params(run_dir, step: int | str | None = None, *, mesh=None) -> tuple[Config, dict, int, dict]:
     """(config, params, step, meta) of a run's checkpoint, placed on `mesh` (default: all devices
     of this process in a data-parallel mesh, parameters replicated or sharded by the rules)."""
     cfg = read_run_config(run_dir)

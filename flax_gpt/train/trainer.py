@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
+from flax_gpt import storage
 from flax_gpt.config import Config, profile_range
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.errors import TrainError
@@ -31,7 +32,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, builder: StateBuilder, *, say=print):
         self.cfg, self.builder, self.say = cfg, builder, say
-        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir = cfg.train.run_dir
         self.evaluator = Evaluator(cfg.model, builder.mesh, document_mask=cfg.data.document_mask,
                                    batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                                    packing=cfg.data.packing)
@@ -54,6 +55,11 @@ class Trainer:
                          device_kind=jax.devices()[0].device_kind)
         bar = ProgressBar(total_steps, start, disable=not (is_main and cfg.train.progress))
         profile = profile_range(cfg.train.profile_steps) if cfg.train.profile_steps else None
+        profile_dir = None
+        if profile:  # a bucket run directory: traced locally, uploaded when the trace ends
+            remote = storage.is_remote(self.run_dir)
+            profile_dir = storage.staging_folder(self.run_dir) if remote else \
+                Path(str(storage.location(self.run_dir))) / PROFILE_DIR
         has_val = val_rows is not None and val_rows.num_rows > 0
         if final_eval and not has_val:
             self.say("no validation split (data.val_fraction=0, or too few documents for one row of "
@@ -96,6 +102,7 @@ class Trainer:
 
         def save(step: int, val_loss=None):
             nonlocal last_saved
+            writer.sync()
             ckpt.save(step, state.params, state.opt_state, state.rng,
                       meta={"tokens_seen": step * tokens_per_step}, val_loss=val_loss)
             last_saved = step
@@ -116,7 +123,7 @@ class Trainer:
                 for s, batch in loader.iterate(start, total_steps):
                     if profile and s == profile[0]:
                         flush()
-                        jax.profiler.start_trace(str(self.run_dir / PROFILE_DIR))
+                        jax.profiler.start_trace(str(profile_dir))
                         tracing = True
                     state, metrics = self.builder.step_fn(state, batch)
                     flush()
@@ -126,6 +133,8 @@ class Trainer:
                         flush()
                         jax.profiler.stop_trace()
                         tracing = False
+                        if storage.is_remote(self.run_dir):
+                            storage.upload_folder(profile_dir, storage.location(self.run_dir) / PROFILE_DIR)
                     do_eval = has_val and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
                         and done < total_steps
                     do_ckpt = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total_steps
