@@ -42,7 +42,7 @@ class LM:
     def evaluate(self) -> dict:
         if self.run_dir is None:
             raise ConfigError("evaluate() needs a run directory (LM.from_run) for its validation split")
-        return pipeline.evaluate_run(self.run_dir, step=self.step)
+        return pipeline.evaluate(self.run_dir, step=self.step)
 
     def export(self, out: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
         if self.run_dir is None:

@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
-    print(json.dumps(pipeline.evaluate_run(args.run_dir, step=args.step)))
+    print(json.dumps(pipeline.evaluate(args.run_dir, hf=args.hf, step=args.step, data=args.data,
+                                       text_column=args.text_column, template=args.template, seq_len=args.seq_len)))
     return 0
 
 
@@ -205,9 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--process-id", type=int)
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint (one JSON object)")
-    sp.add_argument("run_dir")
+    sp = sub.add_parser("eval", help="loss and perplexity of a checkpoint or HF model on a corpus (one JSON object)")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("run_dir", nargs="?")
+    src.add_argument("--hf", metavar="HF_DIR", help="an HF GPT-2 folder or Hub id instead of a run")
     sp.add_argument("--step", help="N, 'latest' (default) or 'best'")
+    sp.add_argument("--data", metavar="SOURCE", help="evaluate on every document of this source (default: the "
+                                                     "run's validation split)")
+    sp.add_argument("--text-column", help="column holding the text of --data (default: the config's, abstract)")
+    sp.add_argument("--template", help='text of --data built from columns, e.g. "{title}\\n{abstract}"')
+    sp.add_argument("--seq-len", type=int, help="row length (default: the run's data.seq_len; HF: n_positions, "
+                                                "at most 1024)")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("import-hf", help="HF model folder or Hub id -> run directory with a step-0 checkpoint")
@@ -283,6 +292,19 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+def _quiet_closed_loops(debug: bool) -> None:
+    """After a checkpoint write fails, TensorStore still completes the other pending writes and
+    reports each to Orbax's event loop, which has closed; it prints each of those errors through
+    sys.excepthook. They repeat our one line's failure, so they are dropped (shown with --debug)."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if debug or not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def _terminate(signum, frame):
     raise Terminated()
 
@@ -293,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries(debug)
+        _quiet_closed_loops(debug)
         return args.fn(args)
     except (UserError, OSError) as e:
         if debug:

@@ -306,11 +306,17 @@ class LoadedModel:
 
 
 def folder_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
-    """The folder's own tokenizer, else GPT-2's (offline) when the vocab is GPT-2's."""
+    """The folder's own tokenizer (GPT-2's own files are read by the fast offline GPT-2 tokenizer),
+    else GPT-2's when the vocab is GPT-2's."""
+    gpt2 = load_tokenizer("gpt2")
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and \
+            (folder / "vocab.json").read_bytes() == gpt2.vocab_path.read_bytes() and \
+            (folder / "merges.txt").read_bytes() == gpt2.merges_path.read_bytes():
+        return gpt2
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
         return load_tokenizer(str(folder))
     if vocab_size == GPT2_VOCAB_SIZE:
-        return load_tokenizer("gpt2")
+        return gpt2
     raise ConfigError(f"{folder} has no tokenizer files and vocab_size={vocab_size} is not GPT-2's; "
                       "add the tokenizer (tokenizer.json) to the folder")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from flax_gpt import storage
-from flax_gpt.config import Config, MeshConfig
+from flax_gpt.config import Config, DataConfig, MeshConfig
 from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.export.hf_folder import export_run, require_torch
 from flax_gpt.generate import folder_tokenizer, load_model
@@ -23,6 +23,8 @@ from flax_gpt.model.gpt2 import abstract_params
 from flax_gpt.model.hf import load_hf, read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
 from flax_gpt.train.checkpoint import Checkpointer
+from flax_gpt.data.prepare import prepare_shards
+from flax_gpt.data.shards import open_split
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
@@ -75,15 +77,42 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
     return result
 
 
-def evaluate_run(run_dir: str | Path, *, step=None) -> dict:
-    """`flax-gpt eval`: {step, val_loss, perplexity, tokens} over the whole validation split."""
-    cfg = read_run_config(run_dir)
+def evaluate(run_dir=None, *, hf: str | None = None, step=None, data=None, text_column: str | None = None,
+             template: str | None = None, seq_len: int | None = None, batch_size: int = 8) -> dict:
+    """`flax-gpt eval`: {step, val_loss, perplexity, tokens, data} of a run's checkpoint (`step`: N,
+    latest or best) or of an HF folder / Hub id, over the run's validation split or over every
+    document of `data` (any source `data.source` accepts), packed exactly as `prepare` packs it."""
+    if (run_dir is None) == (hf is None):
+        raise ConfigError("eval needs a run directory or --hf HF_DIR (one of them)")
     mesh = make_mesh(MeshConfig())
-    _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
-    _, val_rows = open_splits(cfg)
-    evaluator = Evaluator(cfg.model, mesh, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                          document_mask=cfg.data.document_mask, packing=cfg.data.packing)
-    return {"step": chosen, **evaluator.evaluate(params, val_rows)}
+    if hf is not None:
+        model = load_model(hf=hf, step=step)
+        model_cfg, params, chosen, document_mask = model.cfg, model.params, None, False
+        tokenizer = str(model.folder) if model.tokenizer.name != "gpt2" else "gpt2"
+        seq_len = seq_len or min(model_cfg.n_positions, 1024)
+        if data is None:
+            raise ConfigError("--hf has no validation split of its own; pass --data SOURCE (files, a dataset "
+                              "folder or a Hub dataset) to evaluate it on")
+    else:
+        cfg = read_run_config(run_dir)
+        _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
+        model_cfg, document_mask, tokenizer = cfg.model, cfg.data.document_mask, cfg.data.tokenizer
+        batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+        seq_len = seq_len or cfg.data.seq_len
+    if seq_len > model_cfg.n_positions:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_cfg.n_positions}")
+    with tempfile.TemporaryDirectory(prefix="flax_gpt-eval-") as tmp:
+        if data is None:
+            rows, described = open_splits(cfg)[1], f"validation split of {cfg.data.shards_dir}"
+        else:
+            fields = {"text_column": text_column} if text_column else {}
+            data_cfg = DataConfig(source=data, template=template or "", tokenizer=tokenizer, seq_len=seq_len,
+                                  val_fraction=0.0, shards_dir=str(Path(tmp) / "shards"), **fields)
+            manifest = prepare_shards(data_cfg, log=None)
+            rows, described = open_split(data_cfg.shards_dir, "train"), manifest["source"]["description"]
+        evaluator = Evaluator(model_cfg, mesh, batch_size=batch_size, document_mask=document_mask, packing="pack"
+                              if data is not None else cfg.data.packing)
+        return {"step": chosen, **evaluator.evaluate(params, rows), "data": described}
 
 
 def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> tuple[Config, int]:

@@ -174,6 +174,15 @@ def upload_folder(local: Path, remote) -> None:
         (location(remote) / str(f.relative_to(local))).write_bytes(f.read_bytes())
 
 
+def files_under(folder) -> list[epath.Path]:
+    """Every file below a folder or prefix, sorted (a bucket: one listing, not one per level)."""
+    if is_remote(folder):
+        fs, root = _fs(str(folder))
+        scheme = str(folder).split("://", 1)[0]
+        return sorted(epath.Path(f"{scheme}://{p}") for p in fs.find(root))
+    return sorted(epath.Path(str(p)) for p in Path(str(folder)).rglob("*") if p.is_file())
+
+
 def download_folder(remote, local: Path) -> Path:
     """Copy a remote prefix's files into a local folder."""
     fs, root = _fs(str(remote))

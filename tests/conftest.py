@@ -92,3 +92,27 @@ def arxiv_sample():
     if not path.is_file():
         pytest.skip("shared arxiv corpus not present")
     return path
+
+
+TRAINED_OVERRIDES = [
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=4", "model.n_positions=64", "data.seq_len=32",
+    "data.synthetic_docs=120", "train.batch_size=4", "train.progress=false", "optim.warmup_steps=1",
+    "model.embd_pdrop=0", "model.attn_pdrop=0", "model.resid_pdrop=0",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One small trained run shared by the tests that only read it (copy it before changing it):
+    `shards/`, `run/` (4 steps, checkpoints 2 and 4, evaluated at both) and `export/` (its HF export)."""
+    root = tmp_path_factory.mktemp("trained")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    train = [sys.executable, "-m", "flax_gpt.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *TRAINED_OVERRIDES,
+             "data.shards_dir=shards", "train.run_dir=run", "train.steps=4", "train.eval_every=2",
+             "checkpoint.every=2"]
+    r = subprocess.run(train, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "flax_gpt.cli", "export", "run", "--out", "export"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return root

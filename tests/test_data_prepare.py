@@ -119,7 +119,7 @@ def test_arxiv_sample_round_trip_with_template(tmp_path, tok, hf):
     manifest = prepare_shards(cfg, log=quiet)
     with open(SAMPLE, newline="", encoding="utf-8") as f:
         docs = [norm(r["title"]) + "\n" + norm(r["abstract"]) for r in csv.DictReader(f)]
-    check_round_trip(cfg, manifest, docs, tok, hf, unit_key=SAMPLE.name)
+    check_round_trip(cfg, manifest, docs, tok, hf, unit_key=SAMPLE.stem)
     p = manifest["stats"]["pad_truncate_300"]
     counts = np.array([hf_count(hf, d) for d in docs])
     assert p["truncated_documents_fraction"] == pytest.approx((counts > 300).mean(), abs=1e-6)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TRAINED_OVERRIDES
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-BASE = ["model.n_layer=1", "model.n_embd=32", "model.n_head=4", "model.n_positions=64", "data.seq_len=32",
-        "data.synthetic_docs=120", "train.batch_size=4", "train.progress=false", "optim.warmup_steps=1",
-        "model.embd_pdrop=0", "model.attn_pdrop=0", "model.resid_pdrop=0"]
+BASE = TRAINED_OVERRIDES  # the shared trained run's settings (conftest)
 
 
 def _env(devices: int = 1) -> dict:
@@ -100,14 +100,12 @@ def read_only(path: Path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+def world(tmp_path_factory, trained_run) -> Path:
     """A project folder as a user has it: shards, a trained run (checkpoints 2 and 4, evaluated),
     its export, another seq_len's shards, a folder of someone else's notes and a plain file."""
     w = tmp_path_factory.mktemp("world")
-    r = train(w, "data.shards_dir=shards", "train.run_dir=run", "train.steps=4", "train.eval_every=2",
-              "checkpoint.every=2")
-    assert r.returncode == 0, r.stderr
-    assert cli("export", "run", "--out", "export", cwd=w).returncode == 0
+    for name in ("shards", "run", "export"):
+        shutil.copytree(trained_run / name, w / name)
     assert cli("prepare", TINY, *BASE, "data.seq_len=64", "data.shards_dir=shards64", cwd=w).returncode == 0
     (w / "notes").mkdir()
     (w / "notes" / "notes.txt").write_text("my notes")

@@ -133,10 +133,9 @@ def _readme_configs(folder: epath.Path) -> list[dict] | None:
 
 def _data_files(folder: epath.Path) -> list[epath.Path]:
     out = []
-    for p in sorted(folder.rglob("*")) if hasattr(folder, "rglob") else []:
+    for p in storage.files_under(folder):
         rel = str(p)[len(str(folder)):].lstrip("/")
-        if not any(part.startswith(".") for part in rel.split("/")) and p.suffix.lower() in LOCAL_SUFFIXES \
-                and p.is_file() and p.name != "README.md":
+        if not any(part.startswith(".") for part in rel.split("/")) and p.suffix.lower() in LOCAL_SUFFIXES:
             out.append(p)
     return out
 
@@ -290,11 +289,12 @@ def open_source(cfg) -> Source:
                 _hash_file(h, g)
         h.update(cfg.hf_split.encode())
         desc = f"saved dataset {where} (datasets.save_to_disk), split {cfg.hf_split}"
-        return Source(kind, [Unit(f"saved:{where.name}", lambda: read_saved(cfg, where))], h.hexdigest(), desc)
+        return Source(kind, [Unit(where.name, lambda: read_saved(cfg, where))], h.hexdigest(), desc)
     for p in where:
         _hash_file(h, p)
     names = ", ".join(str(p) for p in where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-    units = [Unit(p.name, lambda p=p: read_file(p, batch)) for p in where]
+    # A unit's key is its file's stem, so the same rows as csv or as parquet split the same way.
+    units = [Unit(p.stem, lambda p=p: read_file(p, batch)) for p in where]
     return Source(kind, units, h.hexdigest(), f"files ({len(where)}): {names}")
 
 
