@@ -55,7 +55,7 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
     resuming = check_outputs(cfg)
     ensure_shards(cfg, overwrite=overwrite_data)
     train_rows, val_rows = open_splits(cfg)
-    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows))  # mesh errors: before compiling
+    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows), eos_id=train_rows.eos_id)  # mesh errors: early
     if jax.process_index() == 0:
         say(f"{'resuming' if resuming else 'training'} {cfg.model.preset} ({cfg.model.n_layer} layers, "
             f"{cfg.model.n_embd} wide) for {builder.total_steps} steps of {cfg.train.batch_size}x"

@@ -85,8 +85,10 @@ def test_iterate_resumes_mid_stream_with_prefetch(train_rows):
 def test_global_batch_matches_local_batch(train_rows):
     ld = loader(train_rows, document_mask=True)
     g, l = ld.global_batch(4), ld.local_batch(4)
-    assert set(g) == set(l) == {"inputs", "targets", "loss_mask", "positions", "segment_ids"}
-    for k in l:
+    # The devices get what the step needs; positions/segment_ids are derived there from inputs.
+    assert set(g) == {"inputs", "targets", "loss_mask"}
+    assert set(l) == {"inputs", "targets", "loss_mask", "positions", "segment_ids"}
+    for k in g:
         assert g[k].shape == (48, 32) and g[k].dtype == l[k].dtype
         np.testing.assert_array_equal(np.asarray(g[k]), l[k])
 
@@ -164,7 +166,8 @@ def test_eval_loader_covers_every_row_once(shards_dir):
     assert ev.num_batches == -(-rows.num_rows // batch)
     seen, masked_rows = [], 0
     for i, b in enumerate(ev):
-        inputs, mask, seg = (np.asarray(b[k]) for k in ("inputs", "loss_mask", "segment_ids"))
+        inputs, mask = (np.asarray(b[k]) for k in ("inputs", "loss_mask"))
+        seg = ev.local_batch(i)["segment_ids"]
         assert inputs.shape == (batch, 32)
         for r, m, s in zip(inputs, mask, seg):
             if m.sum() == 0:
@@ -227,8 +230,8 @@ def test_reused_host_buffers_never_overwrite_a_held_batch(train_rows):
         ld.global_batch(step)
     for key, value in fresh.local_batch(0).items():
         np.testing.assert_array_equal(held_local[key], value)
-    for key, value in fresh.local_batch(1).items():
-        np.testing.assert_array_equal(np.asarray(held_global[key]), value)
+    for key in held_global:
+        np.testing.assert_array_equal(np.asarray(held_global[key]), fresh.local_batch(1)[key])
     del held_local, held_global
     pool = len(ld._buffers)
     for step in range(12, 40):
@@ -241,16 +244,17 @@ def test_constant_arrays_are_cached_but_equal_to_fresh_ones(train_rows):
     a, b = ld.global_batch(0), ld.global_batch(1)
     assert a["loss_mask"] is b["loss_mask"] and a["inputs"] is not b["inputs"]
     local = ld.local_batch(1)
-    for key in local:
+    for key in b:
         np.testing.assert_array_equal(np.asarray(b[key]), local[key])
-    a["positions"].delete()  # as if a train step had donated it
+    a["loss_mask"].delete()  # as if a train step had donated it
     c = ld.global_batch(2)
-    np.testing.assert_array_equal(np.asarray(c["positions"]), ld.local_batch(2)["positions"])
+    assert not c["loss_mask"].is_deleted()
+    np.testing.assert_array_equal(np.asarray(c["loss_mask"]), ld.local_batch(2)["loss_mask"])
     masked = loader(train_rows, document_mask=True)
     d, e = masked.global_batch(0), masked.global_batch(1)
-    assert d["loss_mask"] is e["loss_mask"] and d["positions"] is not e["positions"]
-    for key, value in masked.local_batch(1).items():
-        np.testing.assert_array_equal(np.asarray(e[key]), value)
+    assert d["loss_mask"] is e["loss_mask"] and d["inputs"] is not e["inputs"]
+    for key in e:
+        np.testing.assert_array_equal(np.asarray(e[key]), masked.local_batch(1)[key])
 
 
 
@@ -276,3 +280,39 @@ def test_packing_mismatch_and_indivisible_batch(train_rows):
 
     with pytest.raises(DataError, match="multiple of the data-parallel device count"):
         loader(train_rows, global_batch=6, sharding=Indivisible())
+
+
+def test_document_positions_on_device_equal_the_host_computation():
+    """The training loader derives positions/segment_ids on the devices: the same values as the
+    host-side make_batch for every row, EOS at row starts, ends and runs included."""
+    import jax
+
+    from flax_gpt.data.loader import document_positions
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 100, (6, 40)).astype(np.int32)
+    tokens[rng.random(tokens.shape) < 0.08] = 99
+    tokens[0, 0] = tokens[1, -1] = 99
+    tokens[2, 5:9] = 99
+    host = make_batch(tokens.copy(), eos_id=99, document_mask=True, packing="pack")
+    positions, segment_ids = jax.device_get(document_positions(jax.numpy.asarray(tokens), 99))
+    np.testing.assert_array_equal(positions, host["positions"])
+    np.testing.assert_array_equal(segment_ids, host["segment_ids"])
+
+
+def test_document_positions_on_device_equal_the_host_computation():
+    """The train step derives positions/segment_ids on the devices: the same values as the
+    host-side make_batch for every row, EOS at row starts, ends and runs included."""
+    import jax
+
+    from flax_gpt.train.step import document_positions
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 100, (6, 40)).astype(np.int32)
+    tokens[rng.random(tokens.shape) < 0.08] = 99
+    tokens[0, 0] = tokens[1, -1] = 99
+    tokens[2, 5:9] = 99
+    host = make_batch(tokens.copy(), eos_id=99, document_mask=True, packing="pack")
+    positions, segment_ids = jax.device_get(jax.jit(document_positions, static_argnums=1)(tokens, 99))
+    np.testing.assert_array_equal(positions, host["positions"])
+    np.testing.assert_array_equal(segment_ids, host["segment_ids"])

@@ -46,7 +46,7 @@ def measure_step(cfg: Config, *, steps: int, warmup: int) -> dict:
     """Compile time and per-step times (median as the step time) of the bare jitted train step."""
     ensure_shards(cfg)
     train_rows, _ = open_splits(cfg)
-    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows))
+    builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows), eos_id=train_rows.eos_id)
     state = builder.fresh()
     loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                          document_mask=cfg.data.document_mask, packing=cfg.data.packing, sharding=builder.batch_sh)
@@ -73,7 +73,7 @@ def measure_loop(cfg: Config, *, steps: int) -> dict:
         loop_cfg = cfg.replace(train={"run_dir": tmp, "progress": False, "eval_every": 0},
                                checkpoint={"every": 0})
         train_rows, val_rows = open_splits(loop_cfg)
-        builder = StateBuilder(loop_cfg, steps)
+        builder = StateBuilder(loop_cfg, steps, eos_id=train_rows.eos_id)
         out = Trainer(loop_cfg, builder, say=lambda *_: None).fit(train_rows, val_rows, final_eval=False)
     median = out.get("step_time_median_s")
     tokens = cfg.train.batch_size * cfg.data.seq_len

@@ -21,9 +21,12 @@ Batch dict (all (B, T), T = seq_len):
                       padding rows (both modes), so segment_ids > 0 <=> real token.
 Attention with document_mask: a query attends to a key iff their segment_ids are equal (and causal).
 
-`global_batch` transfers only what changes: in pack mode loss_mask is the same every step, and
-without document_mask so are positions and segment_ids; those global arrays are made once and the
-same jax.Array objects are returned each step (rebuilt if a step deleted/donated them). Host
+`global_batch` transfers only what the step needs and only what changes: inputs and targets each
+step, loss_mask once in pack mode (the same every step; the same jax.Array is returned each step,
+rebuilt if a step deleted/donated it). positions and segment_ids are not transferred: without
+document_mask they are the defaults, and with it the step derives them on the devices from the
+inputs (`train.step.document_positions`, the same values as above for every real row), so the
+document mask costs the input pipeline nothing. Host
 buffers come from a small pool (see HostBuffers) and are 64-byte aligned so XLA's CPU client can
 alias instead of copy.
 """
@@ -43,7 +46,7 @@ from flax_gpt.errors import DataError
 from flax_gpt.data.shards import TokenRows
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-CONSTANT_KEYS = ("loss_mask", "positions", "segment_ids")
+DEVICE_KEYS = ("inputs", "targets", "loss_mask")  # what goes to the devices (see global_batch)
 
 
 @functools.lru_cache(maxsize=8)
@@ -264,11 +267,8 @@ class TrainLoader:
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._buffers = HostBuffers()
-        # In pack mode loss_mask is the same every step, and without the document mask so are
-        # positions and segment_ids: their global arrays are built once and reused (2 transfers a
-        # step instead of 5; 4 with the document mask).
-        self._constant_keys = () if self.packing == "pad" else (
-            ("loss_mask",) if self.document_mask else CONSTANT_KEYS)
+        # In pack mode loss_mask is the same every step: built once and reused (2 transfers a step).
+        self._constant_keys = () if self.packing == "pad" else ("loss_mask",)
         self._constants: dict | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -292,24 +292,24 @@ class TrainLoader:
             out[sel] = self.permutation(int(e))[offset[sel]]
         return out
 
-    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    def local_batch(self, step: int, *, document_mask: bool | None = None) -> dict[str, np.ndarray]:
+        """The host-side batch, every key; `document_mask=False` skips positions/segment_ids."""
         buf = self._buffers.get(self.local_rows.size, self.seq_len)
         tokens = self.rows.rows(self.row_indices(step), out=buf["inputs"])
-        return make_batch(tokens, eos_id=self.rows.eos_id, document_mask=self.document_mask,
-                          packing=self.packing, out=buf)
+        return make_batch(tokens, eos_id=self.rows.eos_id, packing=self.packing, out=buf,
+                          document_mask=self.document_mask if document_mask is None else document_mask)
 
     def global_batch(self, step: int):
-        local = self.local_batch(step)
+        local = self.local_batch(step, document_mask=False)  # the devices derive them
         shape = (self.global_batch_size, self.seq_len)
         if not self._constant_keys:
-            return to_global(local, self.sharding, shape)
+            return to_global({k: local[k] for k in DEVICE_KEYS}, self.sharding, shape)
         const = self._constants
         if const is None or any(a.is_deleted() for a in const.values()):  # e.g. donated by a step
             const = self._constants = to_global({k: local[k] for k in self._constant_keys},
                                                 self.sharding, shape)
-        out = to_global({k: v for k, v in local.items() if k not in self._constant_keys},
-                        self.sharding, shape)
-        return {k: out[k] if k in out else const[k] for k in BATCH_KEYS}
+        out = to_global({k: local[k] for k in DEVICE_KEYS if k not in self._constant_keys}, self.sharding, shape)
+        return {k: out[k] if k in out else const[k] for k in DEVICE_KEYS}
 
     def iterate(self, start_step: int = 0, end_step: int | None = None):
         """Yield (step, global batch) for start_step <= step < end_step (forever if None)."""
@@ -352,7 +352,8 @@ class EvalLoader:
                           packing=self.packing, valid=valid, out=buf)
 
     def global_batch(self, index: int):
-        return to_global(self.local_batch(index), self.sharding, (self.batch, self.seq_len))
+        local = self.local_batch(index)
+        return to_global({k: local[k] for k in DEVICE_KEYS}, self.sharding, (self.batch, self.seq_len))
 
     def __iter__(self):
         for _, batch in prefetch(self.global_batch, iter(range(self.num_batches)), self.prefetch_depth):

@@ -26,17 +26,25 @@ class Evaluator:
         self.mesh, self.batch_size = mesh, int(batch_size)
         self.document_mask, self.packing = document_mask, packing
         self.batch_sh = batch_sharding(mesh)
-        param_sh = param_shardings(mesh, abstract_params(model_cfg, boxed=True))
-        fn = functools.partial(eval_step, model=GPT2(model_cfg), document_mask=document_mask)
-        self.eval_fn = jax.jit(fn, in_shardings=(param_sh, self.batch_sh), out_shardings=replicated(mesh))
+        self._param_sh = param_shardings(mesh, abstract_params(model_cfg, boxed=True))
+        self._model, self._fns = GPT2(model_cfg), {}
+
+    def eval_fn(self, eos_id: int):
+        """The jitted eval step for a document separator (compiled once per id)."""
+        if eos_id not in self._fns:
+            fn = functools.partial(eval_step, model=self._model, document_mask=self.document_mask, eos_id=eos_id)
+            self._fns[eos_id] = jax.jit(fn, in_shardings=(self._param_sh, self.batch_sh),
+                                        out_shardings=replicated(self.mesh))
+        return self._fns[eos_id]
 
     def evaluate(self, params, rows) -> dict:
         """{"val_loss", "perplexity", "tokens"}; a DataError when `rows` hold no target token."""
         loader = EvalLoader(rows, batch=self.batch_size, document_mask=self.document_mask,
                             packing=self.packing, sharding=self.batch_sh)
         loss_sum, tokens = 0.0, 0.0
+        step = self.eval_fn(rows.eos_id)
         for batch in loader:
-            out = jax.device_get(self.eval_fn(params, batch))
+            out = jax.device_get(step(params, batch))
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
         if tokens == 0:

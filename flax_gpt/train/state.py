@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt import storage
-from flax_gpt.config import Config, MeshConfig
+from flax_gpt.config import GPT2_EOS_ID, Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, abstract_params, init_params
 from flax_gpt.model.hf import load_hf
@@ -40,9 +40,10 @@ def place(tree, shardings):
 class StateBuilder:
     """Mesh, model, optimizer, state shardings and the jitted step for a config and run length.
 
-    `devices` (default: all of them) may be devices of a TPU topology one only compiles for."""
+    `devices` (default: all of them) may be devices of a TPU topology one only compiles for;
+    `eos_id` is the shards' document separator (the document mask is derived from it)."""
 
-    def __init__(self, cfg: Config, total_steps: int, *, devices=None):
+    def __init__(self, cfg: Config, total_steps: int, *, devices=None, eos_id: int = GPT2_EOS_ID):
         self.cfg, self.total_steps = cfg, int(total_steps)
         self.mesh = make_mesh(cfg.mesh, devices)
         self.model = GPT2(cfg.model)
@@ -68,15 +69,15 @@ class StateBuilder:
             raise ConfigError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not divisible by the "
                               f"{shards} batch shards (mesh.data x mesh.fsdp); change train.batch_size or the mesh")
         step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
-                                 grad_accum=cfg.train.grad_accum, document_mask=cfg.data.document_mask)
+                                 grad_accum=cfg.train.grad_accum, document_mask=cfg.data.document_mask,
+                                 eos_id=eos_id)
         self.step_fn = jax.jit(step, in_shardings=(self.shardings, self.batch_sh),
                                out_shardings=(self.shardings, rep), donate_argnames=("state",))
 
     def abstract_batch(self) -> dict:
         """The batch as ShapeDtypeStructs with its sharding (for ahead-of-time compilation)."""
         shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
-        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-                  "positions": jnp.int32, "segment_ids": jnp.int32}
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32}
         return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sh) for k, d in dtypes.items()}
 
     def fresh(self, params=None, step: int = 0) -> TrainState:

@@ -20,16 +20,29 @@ class TrainState:
     rng: jax.Array  # typed PRNG key; dropout keys are fold_in(rng, step), so resume needs only the step
 
 
-def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, dropout_rng=None):
+def document_positions(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """(positions, segment_ids) of packed rows (B,T), derived on the devices from the EOS ids: a
+    segment id is 1 + the number of EOS strictly before (an EOS belongs to the document it ends),
+    positions restart at 0 after each EOS. The host loader's `make_batch` computes the same values;
+    deriving them here spares two (B,T) transfers a step. Scans are log-depth associative scans:
+    XLA's CPU backend lowers cumsum/cummax to a quadratic reduce_window."""
+    is_eos = (inputs == eos_id).astype(jnp.int32)
+    idx = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
+    segment_ids = 1 + jax.lax.associative_scan(jnp.add, is_eos, axis=1) - is_eos
+    last = jax.lax.associative_scan(jnp.maximum, jnp.where(is_eos > 0, idx, -1), axis=1)  # last EOS at/before i
+    before = jnp.pad(last[:, :-1], ((0, 0), (1, 0)), constant_values=-1)  # ... strictly before i
+    return idx - (before + 1), segment_ids
+
+
+def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, eos_id: int, dropout_rng=None):
     """(sum of next-token NLL over target positions, number of target positions), both float32.
 
     Sums rather than means so micro-batches and eval batches combine exactly by token count.
     """
     deterministic = dropout_rng is None
+    positions, segment_ids = document_positions(batch["inputs"], eos_id) if document_mask else (None, None)
     logits = model.apply(
-        {"params": params}, batch["inputs"],
-        batch["positions"] if document_mask else None,
-        batch["segment_ids"] if document_mask else None,
+        {"params": params}, batch["inputs"], positions, segment_ids,
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": dropout_rng},
     )  # (B,T,V) float32: the softmax and loss are always computed in float32
@@ -39,7 +52,7 @@ def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, dropout_
 
 
 def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.GradientTransformation,
-               schedule, grad_accum: int, document_mask: bool) -> tuple[TrainState, dict]:
+               schedule, grad_accum: int, document_mask: bool, eos_id: int) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch split into `grad_accum` micro-batches.
 
     The gradient is of the mean NLL over all target tokens of the global batch, so 4 x B/4 equals
@@ -52,7 +65,8 @@ def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.Gradien
 
     def micro(i, mb):
         key = jax.random.fold_in(rng, i) if dropout else None
-        (loss_sum, count), grads = grad_fn(state.params, model, mb, document_mask=document_mask, dropout_rng=key)
+        (loss_sum, count), grads = grad_fn(state.params, model, mb, document_mask=document_mask, eos_id=eos_id,
+                                           dropout_rng=key)
         return loss_sum, count, grads
 
     if grad_accum == 1:
@@ -87,6 +101,6 @@ def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.Gradien
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model: GPT2, document_mask: bool) -> dict:
-    loss_sum, count = loss_sums(params, model, batch, document_mask=document_mask)
+def eval_step(params, batch: dict, *, model: GPT2, document_mask: bool, eos_id: int) -> dict:
+    loss_sum, count = loss_sums(params, model, batch, document_mask=document_mask, eos_id=eos_id)
     return {"loss_sum": loss_sum, "tokens": count}
