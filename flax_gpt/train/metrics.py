@@ -50,8 +50,8 @@ class MetricsWriter:
     previous run wrote at or after it, so the curves don't fold back on themselves.
 
     A bucket run directory (gs://) cannot be appended to: the files are written to a local staging
-    folder and uploaded whole by `sync()` (at evaluations and checkpoints, at most `sync_every_s`
-    apart, and on close).
+    folder and uploaded whole by `sync()` (with each checkpoint, at most `sync_every_s` apart, and
+    on close).
     """
 
     def __init__(self, run_dir, *, enabled: bool, purge_step: int | None = None, sync_every_s: float = 30.0):
@@ -107,7 +107,7 @@ class MetricsWriter:
                 continue
             self._tb.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
         self._tb.flush()
-        if self.remote and (prefix == "eval" or time.monotonic() - self._synced > self.sync_every_s):
+        if self.remote and time.monotonic() - self._synced > self.sync_every_s:
             self.sync()
 
     def close(self) -> None:
