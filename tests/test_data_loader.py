@@ -283,24 +283,6 @@ def test_packing_mismatch_and_indivisible_batch(train_rows):
 
 
 def test_document_positions_on_device_equal_the_host_computation():
-    """The training loader derives positions/segment_ids on the devices: the same values as the
-    host-side make_batch for every row, EOS at row starts, ends and runs included."""
-    import jax
-
-    from flax_gpt.data.loader import document_positions
-
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(0, 100, (6, 40)).astype(np.int32)
-    tokens[rng.random(tokens.shape) < 0.08] = 99
-    tokens[0, 0] = tokens[1, -1] = 99
-    tokens[2, 5:9] = 99
-    host = make_batch(tokens.copy(), eos_id=99, document_mask=True, packing="pack")
-    positions, segment_ids = jax.device_get(document_positions(jax.numpy.asarray(tokens), 99))
-    np.testing.assert_array_equal(positions, host["positions"])
-    np.testing.assert_array_equal(segment_ids, host["segment_ids"])
-
-
-def test_document_positions_on_device_equal_the_host_computation():
     """The train step derives positions/segment_ids on the devices: the same values as the
     host-side make_batch for every row, EOS at row starts, ends and runs included."""
     import jax
