@@ -34,14 +34,13 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A run directory made by a short real training through the CLI."""
-    run = tmp_path_factory.mktemp("report") / "run"
-    r = _cli("train", str(ROOT / "configs" / "tiny.yaml"), "train.steps=6", "train.eval_every=3",
-             "train.batch_size=4", "data.seq_len=32", "data.synthetic_docs=120", "model.n_embd=32",
-             "model.n_layer=1", f"train.run_dir={run}", f"data.shards_dir={run}/shards", "train.progress=false")
-    assert r.returncode == 0, r.stderr
-    return run
+def trained(tmp_path_factory, trained_run) -> Path:
+    """A copy of the shared trained run (4 steps, evaluated at 2 and 4), its shards beside it as
+    where it trained."""
+    root = tmp_path_factory.mktemp("report")
+    for name in ("run", "shards"):
+        shutil.copytree(trained_run / name, root / name)
+    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_index_shows_images_metrics_and_samples(report, trained):
     assert f"<td>{last_eval['perplexity']:,.0f}</td>" in page
     assert f"<td>{last_train['tokens_seen']:,}</td>" in page
 
-    manifest = json.loads((trained / "shards" / "manifest.json").read_text())
+    manifest = json.loads((trained.parent / "shards" / "manifest.json").read_text())
     waste = manifest["stats"]["pad_truncate_300"]["padding_fraction"]
     assert f"{100 * waste:.1f}%" in page
     assert "SYNTHETIC" in page
@@ -130,6 +129,7 @@ def test_edge_cases_no_eval_repeated_step_relative_shards_escaped_samples(traine
     base = tmp_path / "project"
     run = base / "runs" / "edge"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("report", "tb"))
+    shutil.copytree(trained.parent / "shards", run / "shards")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["run_dir"], cfg["data"]["shards_dir"] = "runs/edge", "runs/edge/shards"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
