@@ -35,10 +35,6 @@ _OS_HINTS = {
 }
 
 
-class Terminated(Exception):
-    """SIGTERM outside the training loop (which handles it by checkpointing)."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -292,21 +288,41 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+STOPPED = "what was already written is complete; rerun the same command to continue"
+
+
 def _quiet_closed_loops(debug: bool) -> None:
-    """After a checkpoint write fails, TensorStore still completes the other pending writes and
-    reports each to Orbax's event loop, which has closed; it prints each of those errors through
-    sys.excepthook. They repeat our one line's failure, so they are dropped (shown with --debug)."""
-    default = sys.excepthook
+    """When a disk fills up during a checkpoint write, TensorStore still completes the other pending
+    writes and reports each to Orbax's event loop, which has closed; each report is printed as a
+    traceback. They repeat our one line's failure, so they are dropped (shown with --debug)."""
+    def echo(e: BaseException | None) -> bool:
+        return not debug and type(e) is RuntimeError and str(e) == "Event loop is closed"
 
-    def hook(kind, value, tb):
-        if debug or not (kind is RuntimeError and str(value) == "Event loop is closed"):
-            default(kind, value, tb)
-
-    sys.excepthook = hook
+    default = sys.unraisablehook  # how TensorStore's callback threads report them
+    sys.unraisablehook = lambda u: None if echo(u.exc_value) else default(u)
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    """SIGTERM outside the training loop (which checkpoints instead) stops at once, wherever it lands.
+    Every verb's writes are atomic or resumable, as after kill -9; an exception raised here instead
+    could land inside a library's import or an `except` that swallows it."""
+    os.write(2, f"terminated (SIGTERM); {STOPPED}\n".encode())
+    os._exit(143)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether Ctrl-C is behind an exception: one that lands while an extension module initializes
+    reaches us as that import's ImportError, caused by it."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,16 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries(debug)
         _quiet_closed_loops(debug)
         return args.fn(args)
-    except (UserError, OSError) as e:
-        if debug:
+    except BaseException as e:
+        if _interrupted(e):
+            print(f"interrupted; {STOPPED}", file=sys.stderr)
+            return 130
+        if debug or not isinstance(e, (UserError, OSError)):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
-    except (Terminated, KeyboardInterrupt) as e:
-        sigterm = isinstance(e, Terminated)
-        print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}; what was already written is complete; "
-              "rerun the same command to continue", file=sys.stderr)
-        return 143 if sigterm else 130
 
 
 def entry() -> None:

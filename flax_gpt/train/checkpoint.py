@@ -11,6 +11,9 @@ Nothing is created on disk until the first save.
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -68,6 +71,7 @@ class Checkpointer:
              val_loss: float | None = None) -> None:
         """Start an asynchronous save; every process must call it (multi-host safe)."""
         self.wait()  # Orbax waits for the previous save anyway; this attributes its failure to its step
+        self._check_room(step)
         items: dict[str, Any] = {"params": ocp.args.StandardSave(params)}
         extra = {} if rng is None else {"rng": jax.random.key_data(rng)}
         if opt_state is not None:
@@ -88,6 +92,19 @@ class Checkpointer:
             self._manager.wait_until_finished()
         except (OSError, ValueError) as e:  # TensorStore reports write failures as ValueError
             raise self._save_error(self._last_saved, e) from None
+
+    def _check_room(self, step: int) -> None:
+        """Refuse a save that cannot fit on a local disk before writing any of it: the previous step's
+        size is the next one's. (A disk that fills up during the write still fails cleanly, but
+        TensorStore then reports its other pending writes to a closed event loop, on stderr.)"""
+        previous = self.steps()[-1:] if jax.process_count() == 1 and not storage.is_remote(self.directory) else []
+        if not previous:
+            return
+        need = sum(f.stat().st_size for f in Path(str(self.directory), str(previous[0])).rglob("*") if f.is_file())
+        free = shutil.disk_usage(str(self.directory)).free
+        if free < need:
+            raise self._save_error(step, OSError(errno.ENOSPC, f"No space left on device: {free / 1e6:.1f} MB "
+                                                                f"free, a checkpoint takes {need / 1e6:.1f} MB"))
 
     def _save_error(self, step: int | None, e: OSError) -> StorageError:
         committed = [s for s in self.steps() if s != step]
