@@ -157,6 +157,34 @@ print(json.dumps({{"same": same, "wte": list(wte), "n_shards": len(new.params["w
     assert out["n_shards"] == 50304 // 2  # vocab rows split over tensor=2
 
 
+def test_fsdp_keeps_the_batch_split_and_the_state_donated():
+    """Compiled on 4 devices: FSDP (parameters split by width) must still split the activations by
+    batch, so it needs no more temporaries or FLOPs per device than plain data parallelism (left to
+    XLA's propagation it held 2.5x the temporaries and computed the whole batch on every device);
+    and the state is donated (updated in place) in both."""
+    code = f"""
+import json
+from flax_gpt.config import load_config
+from flax_gpt.train.state import StateBuilder
+out = {{}}
+for mesh in (["mesh.data=4"], ["mesh.data=1", "mesh.fsdp=4"]):
+    cfg = load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, mesh + ["train.batch_size=16", "data.seq_len=128",
+                      "model.n_embd=128", "model.n_layer=2", "model.n_head=4", "model.pad_vocab_to=128"])
+    b = StateBuilder(cfg, 10)
+    c = b.step_fn.lower(b.abstract, b.abstract_batch()).compile()
+    ma = c.memory_analysis()
+    out[mesh[-1]] = [ma.temp_size_in_bytes, ma.alias_size_in_bytes, c.cost_analysis()["flops"]]
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=_env(4), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    (dp_temp, dp_alias, dp_flops), (fsdp_temp, fsdp_alias, fsdp_flops) = out["mesh.data=4"], out["mesh.fsdp=4"]
+    assert fsdp_temp < 1.2 * dp_temp, out
+    assert fsdp_flops < 1.02 * dp_flops, out
+    assert dp_alias > 0 and fsdp_alias > 0, out  # params and optimizer state written in place
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt.config import ModelConfig
+from flax_gpt.sharding import constrain
 
 Cache = tuple  # one {"k": (B,H,K,S), "v": (B,H,S,K)} dict per layer
 
@@ -243,18 +244,19 @@ class GPT2(nn.Module):
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(T)[None], (B, T))
         x = self.wte(tokens) + self.wpe(positions)
-        x = self.drop(x, deterministic=deterministic)
+        x = constrain(self.drop(x, deterministic=deterministic), "residual")
         S = None if cache is None else cache[0]["v"].shape[2]
         mask = attention_mask(T, segment_ids, kv_valid, cache_index, S)
         new_cache = []
         for i, block in enumerate(self.h):
             x, c = block(x, mask, deterministic, None if cache is None else cache[i], cache_index)
+            x = constrain(x, "residual")
             new_cache.append(c)
         return self.ln_f(x), (tuple(new_cache) if cache is not None else None)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: (B,T,D) @ wte^T -> (B,T,V_padded) float32, padded ids at -1e30."""
-        logits = self.wte.attend(h).astype(jnp.float32)
+        logits = constrain(self.wte.attend(h).astype(jnp.float32), "logits")
         if self.cfg.padded_vocab != self.cfg.vocab_size:
             valid = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
             logits = jnp.where(valid, logits, _NEG)

@@ -14,7 +14,7 @@ from flax_gpt.config import ModelConfig
 from flax_gpt.data.loader import EvalLoader
 from flax_gpt.errors import DataError
 from flax_gpt.model.gpt2 import GPT2, abstract_params
-from flax_gpt.sharding import batch_sharding, param_shardings, replicated
+from flax_gpt.sharding import batch_sharding, on_mesh, param_shardings, replicated
 from flax_gpt.train.step import eval_step
 
 
@@ -33,7 +33,7 @@ class Evaluator:
         """The jitted eval step for a document separator (compiled once per id)."""
         if eos_id not in self._fns:
             fn = functools.partial(eval_step, model=self._model, document_mask=self.document_mask, eos_id=eos_id)
-            self._fns[eos_id] = jax.jit(fn, in_shardings=(self._param_sh, self.batch_sh),
+            self._fns[eos_id] = jax.jit(on_mesh(fn, self.mesh), in_shardings=(self._param_sh, self.batch_sh),
                                         out_shardings=replicated(self.mesh))
         return self._fns[eos_id]
 

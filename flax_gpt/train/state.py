@@ -20,7 +20,7 @@ from flax_gpt.config import GPT2_EOS_ID, Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, abstract_params, init_params
 from flax_gpt.model.hf import load_hf
-from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, param_shardings, replicated,
+from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings, replicated,
                                tree_shardings_like_params)
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.optim import build_optimizer, make_schedule
@@ -71,7 +71,7 @@ class StateBuilder:
         step = functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
                                  grad_accum=cfg.train.grad_accum, document_mask=cfg.data.document_mask,
                                  eos_id=eos_id)
-        self.step_fn = jax.jit(step, in_shardings=(self.shardings, self.batch_sh),
+        self.step_fn = jax.jit(on_mesh(step, self.mesh), in_shardings=(self.shardings, self.batch_sh),
                                out_shardings=(self.shardings, rep), donate_argnames=("state",))
 
     def abstract_batch(self) -> dict:
