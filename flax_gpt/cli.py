@@ -158,6 +158,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from flax_gpt import storage  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.bench.tpu_compile import compile_for_topology, fit_problem  # noqa: PLC0415
+
+    cfg = _config(args)
+    if args.out:
+        storage.check_writable(args.out, "--out")
+    result = compile_for_topology(cfg, args.topology, find_max_batch=args.find_max_batch,
+                                  say=lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        storage.write_atomic(args.out, text + "\n")
+    problem = fit_problem(result)
+    if problem:  # the JSON is out; not fitting is still a config the user must change: exit 2
+        raise ConfigError(problem)
+    return 0
+
+
 def cmd_report(args) -> int:
     from flax_gpt.report.report import write_report  # noqa: PLC0415 - deferred, see above
 
@@ -255,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--baseline", choices=("none", "eager", "compile", "both"), default="eager")
     sp.add_argument("--out", help="JSON path (default benchmarks/results/train_<preset>_<device>.json)")
     sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("compile", help="compile the train step for a Cloud TPU slice here: HBM fit, FLOPs, estimates")
+    with_config(sp)
+    sp.add_argument("--topology", required=True, help="Cloud TPU name (v5e-8, v4-32, v5p-128, v6e-16) or vX:AxB[xC]")
+    sp.add_argument("--find-max-batch", action="store_true", help="also search the largest global batch that fits")
+    sp.add_argument("--out", help="also write the JSON here")
+    sp.set_defaults(fn=cmd_compile)
 
     sp = sub.add_parser("report", help="plots, word clouds and an index.html in RUN_DIR/report/")
     sp.add_argument("run_dir")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,13 +327,31 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without its base-60 numbers, so `train.profile_steps=2:4` stays "2:4" (not 124)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r} is not section.key=value (e.g. train.steps=20)")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
     try:  # YAML scalars: numbers, true/false, lists, quoted strings ("{title}\n{abstract}")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw  # anything else is taken as the plain string it is
     return section, key, value
@@ -373,7 +392,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
 def config_from_yaml(text: str, where: str, overrides: list[str] | tuple = ()) -> Config:
     """A YAML document (a config file, a run's config.yaml) plus overrides -> Config; `where` names it."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = _yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):

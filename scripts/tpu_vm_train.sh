@@ -12,6 +12,6 @@ args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
   [ -d flax_gpt ] || git clone $REPO flax_gpt
-  cd flax_gpt && python3 -m pip install -q -e . 'jax[tpu]'
+  cd flax_gpt && python3 -m pip install -q -e '.[tpu]'
   flax-gpt train$args --distributed
 "

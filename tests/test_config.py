@@ -87,3 +87,14 @@ def test_model_config_defaults_are_gpt2_124m():
 def test_bad_configs_are_one_clear_error(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         build_config(raw)
+
+
+def test_colon_values_stay_text_in_overrides_and_files(tmp_path):
+    """YAML 1.1 reads 2:4 as the base-60 number 124; a START:END setting must stay what was typed."""
+    from flax_gpt.config import load_config
+
+    assert build_config({}, ["train.profile_steps=2:4"]).train.profile_steps == "2:4"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  profile_steps: 10:15\n  steps: 30\noptim:\n  learning_rate: 3.0e-4\n")
+    cfg = load_config(str(f), [])
+    assert (cfg.train.profile_steps, cfg.train.steps, cfg.optim.learning_rate) == ("10:15", 30, 3e-4)

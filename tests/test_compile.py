@@ -1,0 +1,171 @@
+"""`flax-gpt compile`: the train step compiled for Cloud TPU slices on this CPU host (libtpu as a
+compiler only), its one-line errors, the largest-batch search, and `train.profile_steps`.
+
+The TPU compiles need a libtpu.so: FLAX_GPT_TEST_LIBTPU names it (`.ci/run` installs libtpu into a
+side folder; it is never installed into the venv, where it would print warnings at every jax
+import). The tests that need it skip when it is not set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flax_gpt.bench.tpu_compile import ACCELERATORS, GiB, resolve, search_max_batch
+from flax_gpt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBTPU = os.environ.get("FLAX_GPT_TEST_LIBTPU", "")
+needs_libtpu = pytest.mark.skipif(not os.path.isfile(LIBTPU), reason="FLAX_GPT_TEST_LIBTPU (a libtpu.so) not set")
+CONTRACT = {"topology", "chips", "hosts", "device_kind", "mesh", "batch_size", "seq_len", "hbm_per_device_bytes",
+            "hbm_capacity_bytes", "fits", "flops_per_device_step_xla", "flops_per_device_step_formula",
+            "est_step_time_s", "est_tokens_per_sec", "est_mfu", "compile_time_s"}
+
+
+def cli(*args, cwd: Path = ROOT, libtpu: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    if libtpu:
+        env["TPU_LIBRARY_PATH"] = LIBTPU
+    return subprocess.run([sys.executable, "-m", "flax_gpt.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(r, *needles) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, chips, hosts, kind", [("v5e:2x2", 4, 1, "TPU v5 lite"),
+                                                          ("v4:2x2x2", 8, 2, "TPU v4")])
+def test_tiny_compiles_for_a_slice_and_reports_the_contract(tmp_path, topology, chips, hosts, kind):
+    out = tmp_path / "plan.json"
+    r = cli("compile", "configs/tiny.yaml", "--topology", topology, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == ""  # libtpu's notices about a missing TPU are silenced
+    res = json.loads(r.stdout)
+    assert CONTRACT <= set(res)
+    assert json.loads(out.read_text()) == res
+    assert (res["topology"], res["chips"], res["hosts"], res["device_kind"]) == (topology, chips, hosts, kind)
+    assert math.prod(res["mesh"].values()) == chips and res["mesh"]["data"] == chips  # mesh.data=-1 filled it
+    assert (res["batch_size"], res["seq_len"]) == (8, 64)
+    hbm = res["hbm_per_device_bytes"]
+    assert hbm["params"] > 0 and hbm["opt_state"] > hbm["params"]  # AdamW: two moments per parameter
+    assert hbm["total"] > hbm["params"] + hbm["opt_state"] + hbm["temp"] / 2
+    # the compiler's budget per device, not a guess: 15.75 GiB on v5e, 30.75 GiB on v4 (megacore)
+    assert res["hbm_capacity_bytes"] == int((15.75 if kind == "TPU v5 lite" else 30.75) * GiB)
+    assert res["fits"] is True
+    # XLA counts softmax, LayerNorm and the optimizer too, which are large next to tiny's matmuls
+    ratio = res["flops_per_device_step_xla"] / res["flops_per_device_step_formula"]
+    assert 0.95 < ratio < 1.4, ratio
+    assert res["est_tokens_per_sec"] == pytest.approx(8 * 64 / res["est_step_time_s"])
+    assert 0 < res["est_mfu"] < 1
+
+
+@needs_libtpu
+@pytest.mark.parametrize("overrides, needles", [
+    (["mesh.data=3"], ("3 devices", "4 are available")),
+    (["mesh.data=1", "mesh.tensor=4"], ("wte", "not divisible", "pad_vocab_to")),
+    (["train.batch_size=6"], ("micro-batch 6", "batch shards")),
+])
+def test_sharding_mistakes_are_one_line(overrides, needles):
+    one_line_error(cli("compile", "configs/tiny.yaml", *overrides, "--topology", "v5e-4"), *needles)
+
+
+@needs_libtpu
+def test_a_config_that_does_not_fit_prints_its_json_and_says_by_how_much():
+    # 4 x 4096-wide layers: 805M parameters in fp32 + AdamW = 9.7 GB per device before activations
+    r = cli("compile", "configs/tiny.yaml", "model.n_layer=4", "model.n_embd=4096", "model.n_head=32",
+            "train.batch_size=64", "--topology", "v5e-4")
+    line = one_line_error(r, "does not fit", "GiB over", "--find-max-batch", "mesh.fsdp", "model.remat")
+    res = json.loads(r.stdout)
+    assert res["fits"] is False and res["hbm_per_device_bytes"]["total"] > res["hbm_capacity_bytes"]
+    assert f"{(res['hbm_per_device_bytes']['total'] - res['hbm_capacity_bytes']) / GiB:.2f} GiB over" in line
+
+
+def test_unknown_topology_lists_the_known_ones():
+    line = one_line_error(cli("compile", "configs/tiny.yaml", "--topology", "v9-8", libtpu=False), "v9-8")
+    for name in ("v5e-8", "v4-32", "v5p-128", "v6e-16", "vX:AxB"):
+        assert name in line
+
+
+def test_without_libtpu_it_names_the_extra():
+    if importlib.util.find_spec("libtpu") is not None:
+        pytest.skip("libtpu is installed in this environment")
+    one_line_error(cli("compile", "configs/tiny.yaml", "--topology", "v5e-4", libtpu=False), 'pip install -e ".[tpu]"')
+
+
+def test_names_resolve_to_one_table():
+    assert resolve("v5litepod-8") == resolve("v5e-8") == resolve("v5e:2x4") == \
+        ("v5e", "v5e:2x4", {"chips_per_host_bounds": [2, 4, 1]})  # a single 8-chip host
+    assert resolve("v4-8") == resolve("v4:2x2") == ("v4", "v4:2x2x1", {"chip_config_name": "megacore"})
+    assert resolve("v4:8x8x16")[2] == {"chip_config_name": "megacore"}  # never legacy (2 devices per chip)
+    for name, (shape, _) in ACCELERATORS.items():
+        gen, n = name.split("-")
+        chips = math.prod(int(x) for x in shape.split(":")[1].split("x"))
+        assert chips == (int(n) // 2 if gen in ("v4", "v5p") else int(n)), name  # v4/v5p names count cores
+    with pytest.raises(ConfigError, match="known: v5e-1"):
+        resolve("v5e-3")
+
+
+def fake_probe(base: float, per_seq: float, capacity: float, *, floor: float = 0.0, remat_from: int | None = None):
+    """compile_step results from a memory model: base + per_seq * batch (at least `floor`), with
+    FLOPs 10% over linear from `remat_from` on (the compiler recomputing to fit). Far over the
+    capacity the compiler gives up, and its message overstates what it needs (as XLA:TPU's does)."""
+    seen = []
+
+    def probe(batch: int) -> dict:
+        seen.append(batch)
+        total = max(floor, base + per_seq * batch)
+        xla = 1e9 * batch * (1.1 if remat_from and batch >= remat_from else 1.0)
+        fits = total <= capacity or bool(remat_from and batch >= remat_from and batch < 2 * remat_from)
+        compiled = fits or total < 1.1 * capacity
+        return {"batch_size": batch, "fits": fits, "compiled": compiled, "compile_time_s": 1.0,
+                "flops_per_device_step_xla": xla if compiled else None,
+                "hbm_per_device_bytes": {"total": min(total, capacity) if fits else total * (1 if compiled else 1.5)}}
+    return probe, seen
+
+
+@pytest.mark.parametrize("kw, start, unit, expected", [
+    (dict(base=2.0, per_seq=0.2, capacity=16.0), 32, 4, 68),  # line meets capacity at 70 -> 68
+    (dict(base=2.0, per_seq=0.2, capacity=16.0, floor=6.0), 8, 8, 64),  # flat floor hides the slope
+    (dict(base=2.0, per_seq=0.2, capacity=16.0, remat_from=72), 32, 8, 64),  # 72.. fit only by recompute
+    (dict(base=20.0, per_seq=0.2, capacity=16.0), 32, 4, 0),  # params alone do not fit
+    (dict(base=2.0, per_seq=1.0, capacity=16.0), 64, 4, 12),  # the config's batch is too big
+])
+def test_max_batch_search_finds_the_largest_multiple_that_fits(kw, start, unit, expected):
+    probe, seen = fake_probe(**kw)
+    found = search_max_batch(probe, start, unit, kw["capacity"], max_compiles=10)
+    assert found["max_batch"] == expected, seen
+    assert all(b % unit == 0 for b in seen) and len(seen) == len(set(seen)) == found["compiles"] <= 10
+    assert found["exact"] or expected == 68  # linear answer verified without probing 72
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
+    from jax.profiler import ProfileData
+
+    run = tmp_path / "run"
+    r = cli("train", "configs/tiny.yaml", "train.steps=6", "train.eval_every=0", "checkpoint.every=0",
+            "train.progress=false", "data.synthetic_docs=200", f"data.shards_dir={tmp_path}/shards",
+            f"train.run_dir={run}", "train.profile_steps=2:4", libtpu=False)
+    assert r.returncode == 0, r.stderr
+    traces = list((run / "profile").rglob("*.xplane.pb"))  # what TensorBoard's profile plugin reads
+    assert len(traces) == 1, list((run / "profile").rglob("*"))
+    calls = [(ev.start_ns, ev.start_ns + ev.duration_ns) for plane in ProfileData.from_file(str(traces[0])).planes
+             for line in plane.lines for ev in line.events if ev.name == "PjitFunction(train_step)"]
+    # each call shows up twice, nested; the outer ones are the steps: 3 and 4 of 6
+    outer = [c for i, c in enumerate(calls) if not any(j != i and o[0] <= c[0] and c[1] <= o[1]
+                                                       for j, o in enumerate(calls))]
+    assert len(outer) == 2, calls
