@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,34 +23,9 @@ from typing import Any
 import yaml
 
 from flax_gpt.errors import ConfigError
-
-# GPT-2's tokenizer, the one place these numbers are written down.
-GPT2_VOCAB_SIZE = 50257
-GPT2_EOS_ID = 50256  # <|endoftext|>, also GPT-2's BOS and our document separator
+from flax_gpt.presets import GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHEDULES
 
 RESULT, RUN = "result", "run"
-
-# Architecture presets. `tiny` exists for tests: small enough to compile in seconds on a CPU but
-# still with the real GPT-2 vocabulary so the real tokenizer and export paths are exercised.
-_GPT2 = dict(vocab_size=GPT2_VOCAB_SIZE, n_positions=1024)
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, **_GPT2),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, **_GPT2),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, **_GPT2),
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, **_GPT2),
-    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, **_GPT2),
-    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=GPT2_VOCAB_SIZE, n_positions=256),
-}
-
-# `keras` reproduces transformers' TF `AdamWeightDecay` defaults (the usual Keras recipe):
-# epsilon 1e-7, no clipping, no warmup.
-OPTIM_PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0),
-    "keras": dict(b1=0.9, b2=0.999, eps=1e-7, clip_norm=0.0, warmup_steps=0),
-}
-
-# Learning-rate schedules (each with linear warmup; built in train/optim.py).
-SCHEDULES = ("exponential", "cosine", "linear", "constant", "wsd")
 
 
 def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "") -> Any:
@@ -330,15 +304,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 without its base-60 numbers, so `train.profile_steps=2:4` stays "2:4" (not 124)."""
 
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
-    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    def resolve(self, kind, value, implicit):
+        tag = super().resolve(kind, value, implicit)
+        return "tag:yaml.org,2002:str" if ":" in str(value) and tag.endswith((":int", ":float")) else tag
 
 
 def _yaml(text: str) -> Any:

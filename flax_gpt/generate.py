@@ -37,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt.config import GPT2_EOS_ID, GPT2_VOCAB_SIZE, ModelConfig
+from flax_gpt.config import ModelConfig
 from flax_gpt.data.tokenizer import Tokenizer, load_tokenizer
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, abstract_params, init_cache, transpose_kernels
 from flax_gpt.model.hf import load_hf, resolve_source
+from flax_gpt.presets import GPT2_EOS_ID, GPT2_VOCAB_SIZE
 from flax_gpt.train.state import load_params
 
 MIN_PROMPT_BUCKET = 16

@@ -122,7 +122,7 @@ def test_cosine_matches_torch_cosine_annealing_after_warmup():
 
 
 def test_schedule_registry_is_the_configs_choice_list():
-    from flax_gpt.config import SCHEDULES as CONFIG_SCHEDULES
+    from flax_gpt.presets import SCHEDULES as CONFIG_SCHEDULES
     from flax_gpt.train.optim import SCHEDULES
 
     assert tuple(SCHEDULES) == CONFIG_SCHEDULES

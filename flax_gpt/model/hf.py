@@ -14,7 +14,8 @@ import numpy as np
 from huggingface_hub import snapshot_download
 from safetensors.numpy import load_file
 
-from flax_gpt.config import GPT2_EOS_ID, MODEL_PRESETS, ModelConfig
+from flax_gpt.config import ModelConfig
+from flax_gpt.presets import GPT2_EOS_ID, MODEL_PRESETS
 from flax_gpt.errors import HFError
 from flax_gpt import storage
 from flax_gpt.storage import is_hub_id

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt import storage
-from flax_gpt.config import GPT2_EOS_ID, Config, MeshConfig
+from flax_gpt.config import Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, abstract_params, init_params
 from flax_gpt.model.hf import load_hf
+from flax_gpt.presets import GPT2_EOS_ID
 from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings, replicated,
                                tree_shardings_like_params)
 from flax_gpt.train.checkpoint import Checkpointer

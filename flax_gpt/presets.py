@@ -1,0 +1,32 @@
+"""Named values a config refers to: GPT-2's tokenizer constants, model sizes, optimizer presets and
+the learning-rate schedules' names. Adding a model preset is one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# GPT-2's tokenizer, the one place these numbers are written down.
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_ID = 50256  # <|endoftext|>, also GPT-2's BOS and our document separator
+
+# Architecture presets. `tiny` exists for tests: small enough to compile in seconds on a CPU but
+# still with the real GPT-2 vocabulary so the real tokenizer and export paths are exercised.
+_GPT2 = dict(vocab_size=GPT2_VOCAB_SIZE, n_positions=1024)
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, **_GPT2),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, **_GPT2),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, **_GPT2),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, **_GPT2),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, **_GPT2),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=GPT2_VOCAB_SIZE, n_positions=256),
+}
+
+# `keras` reproduces transformers' TF `AdamWeightDecay` defaults (the usual Keras recipe):
+# epsilon 1e-7, no clipping, no warmup.
+OPTIM_PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0),
+    "keras": dict(b1=0.9, b2=0.999, eps=1e-7, clip_norm=0.0, warmup_steps=0),
+}
+
+# Learning-rate schedules (each with linear warmup; built in train/optim.py).
+SCHEDULES = ("exponential", "cosine", "linear", "constant", "wsd")
