@@ -2,6 +2,7 @@
 on all cores, the document-masked loader, and a training loop on gs:// against local disk.
 
     python benchmarks/prepare_scale.py [--sizes-gb 0.5,2] [--work DIR] [--out benchmarks/results/prepare_scale.json]
+    python benchmarks/prepare_scale.py --only-loop     # rerun the gs:// vs local loop alone
 
 The corpus is built here from the shared ML arXiv abstracts (../shared/data/arxiv), repeated in a
 different seeded row order per copy, as csv files of about 64 MB; the larger corpus holds the smaller.
@@ -103,9 +104,10 @@ def bare_tokenizer(files: list[Path]) -> dict:
             "threads": os.cpu_count()}
 
 
-def loop_gs_vs_local(work: Path, steps: int) -> dict:
-    """The tiny config's training loop with every path local, then on gs:// (a local GCS emulator):
-    the loop's median step time and tokens/s."""
+def loop_gs_vs_local(work: Path, steps: int, reps: int = 2) -> dict:
+    """The tiny config's training loop with every path local, then on gs:// (a local GCS emulator),
+    alternated `reps` times (a shared host's load drifts): each side's best run, by loop tokens/s
+    and by median step time."""
     port = 46000 + os.getpid() % 1000
     emulator = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), str(port), "bench-bucket"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -114,18 +116,26 @@ def loop_gs_vs_local(work: Path, steps: int) -> dict:
                FLAX_GPT_CACHE=str(work / "cache"))
     common = [f"train.steps={steps}", "train.eval_every=25", "checkpoint.every=25", "train.progress=false",
               "data.synthetic_docs=2000"]
-    out = {}
+    out = {"local": {"runs": []}, "gs": {"runs": []}}
     try:
-        for name, base in (("local", str(work / "loop")), ("gs", "gs://bench-bucket/loop")):
-            r = subprocess.run([sys.executable, "-m", "flax_gpt.cli", "train", str(ROOT / "configs" / "tiny.yaml"),
-                                *common, f"data.shards_dir={base}/shards", f"train.run_dir={base}/run"],
-                               cwd=work, env=env, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{name} training failed: {r.stderr[-2000:]}")
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            out[name] = {"tokens_per_sec": res["tokens_per_sec"], "step_time_median_s": res["step_time_median_s"]}
+        for rep in range(reps):
+            for name, base in (("local", str(work / "loop")), ("gs", "gs://bench-bucket/loop")):
+                base = f"{base}{rep}"
+                r = subprocess.run([sys.executable, "-m", "flax_gpt.cli", "train", str(ROOT / "configs" / "tiny.yaml"),
+                                    *common, f"data.shards_dir={base}/shards", f"train.run_dir={base}/run"],
+                                   cwd=work, env=env, capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit(f"{name} training failed: {r.stderr[-2000:]}")
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                out[name]["runs"].append({"tokens_per_sec": res["tokens_per_sec"],
+                                          "step_time_median_s": res["step_time_median_s"],
+                                          "loadavg_1min": os.getloadavg()[0]})
     finally:
         emulator.kill()
+    for side in ("local", "gs"):
+        runs = out[side]["runs"]
+        out[side]["tokens_per_sec"] = max(r["tokens_per_sec"] for r in runs)
+        out[side]["step_time_median_s"] = min(r["step_time_median_s"] for r in runs)
     out["gs_over_local"] = out["gs"]["tokens_per_sec"] / out["local"]["tokens_per_sec"]
     out["gs_over_local_median_step"] = out["local"]["step_time_median_s"] / out["gs"]["step_time_median_s"]
     out["steps"], out["config"] = steps, "configs/tiny.yaml, evaluation and a checkpoint every 25 steps"
@@ -138,7 +148,19 @@ def main() -> None:
     ap.add_argument("--work", help="folder for the corpus and shards (default: a temporary folder)")
     ap.add_argument("--loop-steps", type=int, default=150)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prepare_scale.json"))
+    ap.add_argument("--only-loop", action="store_true",
+                    help="rerun only the gs:// vs local loop and update it in the existing --out JSON")
     args = ap.parse_args()
+    if args.only_loop:
+        result = json.loads(Path(args.out).read_text())
+        with tempfile.TemporaryDirectory(prefix="flax_gpt_scale_", dir=args.work) as t:
+            result["loop_gs_vs_local"] = loop_gs_vs_local(Path(t), args.loop_steps)
+        result["summary"]["loop_gs_over_local"] = result["loop_gs_vs_local"]["gs_over_local"]
+        result["summary"]["loop_gs_over_local_median_step"] = result["loop_gs_vs_local"]["gs_over_local_median_step"]
+        result["machine"]["loadavg_at_loop_end"] = os.getloadavg()
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["loop_gs_vs_local"], indent=1))
+        return
     sizes = sorted(float(s) for s in args.sizes_gb.split(","))
     with tempfile.TemporaryDirectory(prefix="flax_gpt_scale_", dir=args.work) as t:
         work = Path(t)
