@@ -169,3 +169,15 @@ def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
     outer = [c for i, c in enumerate(calls) if not any(j != i and o[0] <= c[0] and c[1] <= o[1]
                                                        for j, o in enumerate(calls))]
     assert len(outer) == 2, calls
+
+
+def test_not_fitting_suggests_only_what_the_config_does_not_do_yet():
+    from flax_gpt.bench.tpu_compile import fit_problem
+
+    hbm = {"params": GiB, "opt_state": 2 * GiB, "temp": 30 * GiB, "total": 33 * GiB}
+    base = {"fits": False, "hbm_per_device_bytes": hbm, "hbm_capacity_bytes": 16 * GiB, "topology": "v5e-8"}
+    line = fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": False})
+    assert "17.00 GiB over" in line and "mesh.fsdp" in line and "model.remat" in line
+    line = fit_problem({**base, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": True})
+    assert "mesh.fsdp" not in line and "model.remat" not in line and "--find-max-batch" in line
+    assert fit_problem({**base, "fits": True}) is None

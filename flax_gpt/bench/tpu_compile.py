@@ -159,7 +159,7 @@ def compile_step(cfg: Config, gen: str, devices: list) -> dict:
     capacity = HBM_BYTES[gen]
     chips = {(getattr(d, "slice_index", 0), *d.coords) for d in devices}
     out = {"device_kind": kind, "devices": n, "chips": len(chips), "hosts": len({d.process_index for d in devices}),
-           "mesh": dict(b.mesh.shape), "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype,
+           "mesh": dict(b.mesh.shape), "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
            "compiler": getattr(devices[0].client, "platform_version", None)}
     t0 = time.perf_counter()
     try:
@@ -309,8 +309,9 @@ def fit_problem(result: dict) -> str | None:
     best = result.get("max_batch")
     tip = ("--find-max-batch finds the largest batch that fits" if best is None else
            f"the largest batch that fits is {best}" if best else "no batch fits with this mesh")
+    more = ([] if result["mesh"]["data"] == 1 else ["shard them over mesh.fsdp (e.g. mesh.fsdp=-1 mesh.data=1)"]) + \
+        ([] if result.get("remat") else ["set model.remat=true"])
     return (f"does not fit: {need / GiB:.2f} GiB per device needed, {cap / GiB:.2f} GiB available on "
             f"{result['topology']} ({(need - cap) / GiB:.2f} GiB over; parameters + optimizer state "
-            f"{fixed / GiB:.2f} GiB); {tip}; or shard them over mesh.fsdp (e.g. mesh.fsdp=-1 mesh.data=1), "
-            "or set model.remat=true")
+            f"{fixed / GiB:.2f} GiB); {tip}" + "".join(f"; or {m}" for m in more))
 
