@@ -699,6 +699,40 @@ def cmd_summary(args) -> None:
               f"(min {min(v):.4f} max {max(v):.4f})")
 
 
+def cmd_plot(args) -> Path:
+    """One PNG of the free run next to its controls: the three loss curves (flax_gpt, torch sdpa,
+    torch eager) and, on a log scale, |flax - torch| against |torch eager - torch sdpa| per step,
+    with the lockstep run's one-update |loss diff| as the floor that method differences would lift."""
+    from flax_gpt.report.plots import ema, new_figure, plot_line, save, style
+
+    out = Path(args.out)
+    free = json.loads((out / f"{PREFIX}free_{args.variant}_s{args.seed}.json").read_text())["per_step"]
+    ctl_p = out / f"{PREFIX}control_{args.variant}_s{args.seed}.json"
+    ctl = json.loads(ctl_p.read_text())["per_step"] if ctl_p.is_file() else None
+    lock_p = out / f"{PREFIX}lockstep_{args.variant}_s{args.seed}.json"
+    lock = json.loads(lock_p.read_text())["per_step"] if lock_p.is_file() else None
+    f, t = np.array(free["flax_loss"]), np.array(free["torch_loss"])
+    x = np.arange(1, len(f) + 1)
+    fig, (curves, diffs) = new_figure(2)
+    plot_line(curves, x, ema(f, 0.9), "flax_gpt (EMA 0.9)", color="tab:blue")
+    plot_line(curves, x, ema(t, 0.9), "PyTorch, sdpa attention (EMA 0.9)", color="tab:orange")
+    plot_line(diffs, x, np.abs(f - t), "|flax_gpt - PyTorch|, run freely", color="tab:blue", alpha=0.8)
+    if ctl is not None:
+        e = np.array(ctl["eager_loss"][: len(f)])
+        plot_line(curves, x[: len(e)], ema(e, 0.9), "PyTorch, eager attention (EMA 0.9)", color="tab:green")
+        plot_line(diffs, x[: len(e)], np.abs(e - t[: len(e)]), "|PyTorch eager - PyTorch sdpa|, run freely",
+                  color="tab:green", alpha=0.8)
+    if lock is not None:
+        plot_line(diffs, [r["step"] for r in lock], [max(abs(r["flax_loss"] - r["torch_loss"]), 1e-9) for r in lock],
+                  "|flax_gpt - PyTorch|, lockstep (same state each step)", color="black")
+    diffs.set_yscale("log")
+    style(curves, f"Training loss, {args.variant} recipe, seed {args.seed}", "step", "cross-entropy (nats/token)")
+    style(diffs, "Loss difference per step", "step", "|loss difference| (nats)")
+    path = out / f"{PREFIX}{args.variant}_s{args.seed}.png"
+    save(fig, path)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default=str(DEFAULT_WORK), help="work folder (data, runs); outside the repository")
@@ -734,6 +768,9 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=80)
     c.add_argument("--seed", type=int, default=0)
     sub.add_parser("summary")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--variant", choices=sorted(VARIANTS), default="default")
+    pl.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     work = Path(args.work).resolve()
     if work == ROOT or ROOT in work.parents:
@@ -761,6 +798,8 @@ def main() -> None:
         r = cmd_control(args)
         (out / f"{PREFIX}control_{args.variant}_s{args.seed}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps({k: r[k] for k in ("variant", "max_abs_loss_diff", "final_param_rel_diff")}))
+    elif args.cmd == "plot":
+        print(cmd_plot(args))
     else:
         cmd_summary(args)
 

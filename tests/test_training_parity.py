@@ -235,3 +235,31 @@ def test_parity_check_has_teeth(setup):
         _, _, flax_sd = train_flax(cfg)
     _, shifted = train_torch(cfg, setup / "init", lr_shift=1)
     assert rel_diff(flax_sd, shifted) > 10 * PARAM_TOL
+
+
+def test_benchmark_plot_draws_the_free_run_with_its_controls(tmp_path):
+    """`training_parity.py plot` turns the free, control and lockstep results into one PNG."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    loss = 10 - np.log1p(np.arange(40.0))
+
+    def jitter(scale):
+        return (loss + scale * rng.standard_normal(40)).tolist()
+
+    results = {"free": {"per_step": {"flax_loss": jitter(1e-3), "torch_loss": loss.tolist()}},
+               "control": {"per_step": {"sdpa_loss": loss.tolist(), "eager_loss": jitter(1e-3)}},
+               "lockstep": {"per_step": [{"step": k + 1, "flax_loss": v, "torch_loss": v + 1e-6}
+                                         for k, v in enumerate(loss.tolist())]}}
+    for kind, body in results.items():
+        (tmp_path / f"training_parity_{kind}_default_s0.json").write_text(json.dumps(body))
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "training_parity.py"), "--work",
+                          str(tmp_path / "work"), "--out", str(tmp_path), "plot"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    png = tmp_path / "training_parity_default_s0.png"
+    assert out.stdout.strip() == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
