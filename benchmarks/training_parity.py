@@ -705,12 +705,14 @@ def cmd_plot(args) -> Path:
     with the lockstep run's one-update |loss diff| as the floor that method differences would lift."""
     from flax_gpt.report.plots import ema, new_figure, plot_line, save, style
 
+    def per_step(mode: str):
+        path = Path(args.out) / f"{PREFIX}{mode}_{args.variant}_s{args.seed}.json"
+        return json.loads(path.read_text())["per_step"] if path.is_file() else None
+
+    free, ctl, lock = per_step("free"), per_step("control"), per_step("lockstep")
+    if free is None:
+        sys.exit(f"no free run of {args.variant} seed {args.seed} in {args.out}; run `parity` first")
     out = Path(args.out)
-    free = json.loads((out / f"{PREFIX}free_{args.variant}_s{args.seed}.json").read_text())["per_step"]
-    ctl_p = out / f"{PREFIX}control_{args.variant}_s{args.seed}.json"
-    ctl = json.loads(ctl_p.read_text())["per_step"] if ctl_p.is_file() else None
-    lock_p = out / f"{PREFIX}lockstep_{args.variant}_s{args.seed}.json"
-    lock = json.loads(lock_p.read_text())["per_step"] if lock_p.is_file() else None
     f, t = np.array(free["flax_loss"]), np.array(free["torch_loss"])
     x = np.arange(1, len(f) + 1)
     fig, (curves, diffs) = new_figure(2)
@@ -765,7 +767,7 @@ def main() -> None:
     ls.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("control")
     c.add_argument("--variant", choices=sorted(VARIANTS), default="default")
-    c.add_argument("--steps", type=int, default=80)
+    c.add_argument("--steps", type=int, default=300)
     c.add_argument("--seed", type=int, default=0)
     sub.add_parser("summary")
     pl = sub.add_parser("plot")
