@@ -48,7 +48,6 @@ from etils import epath  # noqa: E402  (after the endpoint settings: gcsfs reads
 MARKER = ".flax_gpt.json"
 KINDS = {"run": "run directory", "shards": "shards folder", "export": "export folder", "report": "report folder"}
 TMP_PREFIX = ".flax_gpt-tmp-"  # temporary siblings of an output being written; cleaned on the next run
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
@@ -68,24 +67,8 @@ def location(path) -> epath.Path:
     return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
 
 
-def is_hub_id(text) -> bool:
-    """`owner/name` (a Hugging Face Hub model or dataset id) that is not an existing local path."""
-    text = text.strip() if isinstance(text, str) else ""
-    return bool(_HUB_ID.match(text)) and not text.startswith((".", "~")) and not Path(text).exists()
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick check before a Hub call, so offline users get an error in seconds, not after
-    huggingface_hub's minute of retries. True when offline mode is set (the local cache answers)
-    or a proxy is configured (we cannot judge reachability through it)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    return _connects(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
-
-
-def _connects(url: str, timeout: float) -> bool:
+def connects(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to the URL's host and port opens within `timeout` seconds."""
     u = urlparse(url if "://" in url else f"http://{url}")
     try:
         with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
@@ -100,7 +83,7 @@ def check_reachable(path, what: str) -> None:
     if not is_remote(path) or not str(path).startswith("gs://"):
         return
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST", "https://storage.googleapis.com")
-    if not _connects(endpoint, 5.0):
+    if not connects(endpoint, 5.0):
         raise StorageError(f"{what} {path}: cannot reach Cloud Storage at {endpoint}; check the network "
                            "(or STORAGE_EMULATOR_HOST)")
     bucket = epath.Path("gs://" + str(path)[5:].split("/", 1)[0])
@@ -243,20 +226,23 @@ def _legacy_kind(folder: epath.Path) -> str | None:
     return None
 
 
+def marker_of(path) -> dict:
+    """What the owner marker of the folder at `path` records ({} when there is none or it is unreadable)."""
+    marker = location(path) / MARKER
+    try:
+        info = json.loads(marker.read_text()) if marker.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def folder_kind(path) -> str | None:
     """The kind of flax_gpt output at `path`, or None (absent, empty, a file, or not ours)."""
     folder = location(path)
     if not folder.is_dir():
         return None
-    marker = folder / MARKER
-    if marker.exists():
-        try:
-            kind = json.loads(marker.read_text()).get("kind")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind in KINDS:
-            return kind
-    return _legacy_kind(folder)
+    kind = marker_of(folder).get("kind")
+    return kind if kind in KINDS else _legacy_kind(folder)
 
 
 def _names(folder: epath.Path) -> list[str]:
@@ -316,13 +302,24 @@ def check_output(path, kind: str, *, overwrite: bool = False, flag: str = "--ove
                       f"choose an empty or new folder for the {what}")
 
 
-def mark(path, kind: str) -> None:
-    """Create `path` if needed and write its marker (idempotent)."""
+def mark(path, kind: str, **info: str) -> None:
+    """Create `path` if needed and write its marker (idempotent); `info` is recorded with the kind
+    (an export records the run it came from, so a later run does not replace it unasked)."""
     folder = location(path)
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / MARKER
     if not marker.exists() or folder_kind(folder) != kind:
-        write_atomic(marker, json.dumps({"kind": kind, "written_by": "flax_gpt", "created_unix": round(time.time())}))
+        write_atomic(marker, json.dumps({"kind": kind, "written_by": "flax_gpt", "created_unix": round(time.time()),
+                                         **info}))
+
+
+def make_readable(folder: Path) -> None:
+    """Give a finished local folder's files the modes a plain `open()` would (0644 under the usual
+    umask): some writers (safetensors) create theirs private (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (folder, *folder.rglob("*")):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def check_writable(path, what: str) -> None:

@@ -12,7 +12,6 @@ import pytest
 from flax_gpt.config import DataConfig
 from flax_gpt.errors import DataError
 from flax_gpt.data.prepare import prepare_shards
-from flax_gpt import storage
 from flax_gpt.data import sources
 from flax_gpt.data.sources import read_documents, resolve_source
 
@@ -104,7 +103,7 @@ def test_source_resolution_rules(tmp_path, monkeypatch):
 
 def test_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
 
-    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("flax_gpt.hub.hub_reachable", lambda timeout=3.0: False)
     cfg = cfg_for("someone/some-dataset", tmp_path)
     with pytest.raises(DataError, match="Hub is unreachable.*point data.source at local files"):
         prepare_shards(cfg, log=quiet)
@@ -194,7 +193,7 @@ def test_hub_code_path_calls_load_dataset_with_config(tmp_path, monkeypatch):
         calls.append((path, name, split, revision))
         return datasets.Dataset.from_dict({"title": ["t1", "t2"], "abstract": ["Hub doc one.", "Hub  doc two."]})
 
-    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("flax_gpt.hub.hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs = read_documents(cfg_for("CShorten/ML-ArXiv-Papers", hf_split="train[:2]", hf_revision="abc123"))
     assert calls == [("CShorten/ML-ArXiv-Papers", None, "train[:2]", "abc123")]

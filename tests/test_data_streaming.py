@@ -203,14 +203,13 @@ def _prepared(cfg: DataConfig) -> Path:
 
 def test_a_hub_stream_that_ends_early_leaves_nothing_trusted(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    from flax_gpt import storage
 
     class Broken:
         def iter(self, batch_size):
             yield {"abstract": ["a first document of text"] * batch_size}
             raise ConnectionError("connection reset by peer")
 
-    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr("flax_gpt.hub.hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Broken())
     cfg = DataConfig(source="someone/big-corpus", streaming=True, seq_len=8, shards_dir=str(tmp_path / "s"))
     with pytest.raises(DataError, match="stopped streaming.*nothing was written"):

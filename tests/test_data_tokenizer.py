@@ -11,7 +11,6 @@ import pytest
 
 from flax_gpt.errors import DataError
 from flax_gpt.data.tokenizer import load_tokenizer
-from flax_gpt import storage
 from flax_gpt.data import tokenizer as tokenizer_mod
 
 ARXIV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arxiv"
@@ -138,7 +137,7 @@ def test_hf_folder_tokenizer_path(tok, tmp_path):
 
 
 def test_unreachable_hub_tokenizer_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(storage, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("flax_gpt.hub.hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(DataError, match="unreachable.*data.tokenizer=gpt2"):
         load_tokenizer("someone/some-tokenizer")
     with pytest.raises(DataError, match="empty"):

@@ -9,9 +9,11 @@ folders, a Hub dataset, or the synthetic generator.
      and `data.hf_split`, as `datasets.load_dataset(folder)` picks them
   3. an existing path, folder of files or glob, local or a URL such as gs://bucket/dir/*.parquet
      (a str or a list of them)          -> those files
-  4. an `owner/name` id                 -> `datasets.load_dataset` on the Hugging Face Hub
+  4. a Hub dataset id, with or without an owner (`imdb`, `wikitext`, `owner/name`), that names no
+     local path (`hub.is_hub_id`, the rule models follow too) and has no data-file suffix
+                                        -> `datasets.load_dataset` on the Hugging Face Hub
      (`data.streaming=true` streams it instead of downloading it first)
-  5. anything else                      -> DataError naming the missing path
+  5. anything else (`data/x.csv`, `./x`, `a/b/c` that do not exist) -> DataError naming the missing path
 
 Local formats, chosen by extension: .csv (header row), .json (a list of objects, or an object of
 equal-length column lists; read whole), .jsonl/.ndjson (one object a line), .parquet, .txt (one
@@ -43,12 +45,14 @@ from typing import Any, Callable, Iterator
 import yaml
 from etils import epath
 
-from flax_gpt import storage
+from flax_gpt import hub, storage
 from flax_gpt.data import synthetic
 from flax_gpt.data.readers import Table, read_file, read_hub, read_saved
 from flax_gpt.errors import DataError
 
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet", ".txt")
+# A missing name ending so is a mistyped file, never a Hub dataset id (ids may hold dots too).
+FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow")
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test", "eval")
 
 
@@ -214,12 +218,12 @@ def resolve_source(source: Any, cfg=None) -> tuple[str, Any]:
         return "files", files
     if path.exists():
         return "files", [_check_suffix(path)]
-    looks_like_file = Path(text).suffix.lower() in LOCAL_SUFFIXES
-    if not remote and storage.is_hub_id(text) and not looks_like_file:
+    looks_like_file = Path(text).suffix.lower() in FILE_SUFFIXES
+    if not remote and hub.is_hub_id(text) and not looks_like_file:
         return "hub", text
     where = "" if remote else f" (from {os.getcwd()})"
     raise DataError(f"data.source path not found: {text}{where}; fix the path, or use "
-                    "synthetic, or a Hub dataset id like CShorten/ML-ArXiv-Papers")
+                    "synthetic, or a Hub dataset id like imdb or CShorten/ML-ArXiv-Papers")
 
 
 @dataclass
@@ -257,10 +261,11 @@ def open_source(cfg) -> Source:
             cfg.synthetic_docs, batch)))
         return Source(kind, [unit], h.hexdigest(), desc, synthetic=True)
     if kind == "hub":
-        if not storage.hub_reachable():
-            raise DataError(f"cannot load Hub dataset {where!r}: the Hugging Face Hub is unreachable "
-                            "(offline?); point data.source at local files (csv/json/jsonl/parquet/txt) or use "
-                            "synthetic (or set HF_HUB_OFFLINE=1 if the dataset is in your HF cache)")
+        if not hub.hub_reachable():
+            raise DataError(f"cannot load Hub dataset {where!r} (no local path of that name either, from "
+                            f"{os.getcwd()}): the Hugging Face Hub is unreachable (offline?); point data.source at "
+                            "local files (csv/json/jsonl/parquet/txt) or use synthetic (or set HF_HUB_OFFLINE=1 if "
+                            "the dataset is in your HF cache)")
         h.update(json.dumps(["hub", where, cfg.hf_name, cfg.hf_split, cfg.hf_revision]).encode())
         desc = f"Hugging Face dataset {where}" + (f" ({cfg.hf_name})" if cfg.hf_name else "") + \
             f", split {cfg.hf_split}" + (f", revision {cfg.hf_revision}" if cfg.hf_revision else "")

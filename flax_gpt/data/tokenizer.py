@@ -8,7 +8,9 @@ order), so tiktoken's rank-ordered BPE reproduces GPT-2's merges exactly; tests 
 against `transformers`' GPT-2 tokenizer built from the same files. tiktoken releases the GIL, so
 `encode_ordinary_batch` with threads scales with cores (~2.5x faster than `tokenizers` here).
 
-Any other name is handed to `transformers.AutoTokenizer` (a local folder, or a Hub id online).
+Any other name is handed to `transformers.AutoTokenizer`, by the rule model and data names follow
+(`hub.is_hub_id`): an existing local folder wins (also over the GPT-2 names), otherwise a Hub id with
+or without an owner, read from the Hugging Face cache alone when offline.
 
 Special tokens are never parsed out of text: a document containing the literal string
 "<|endoftext|>" is encoded as ordinary text; the only EOS ids in the data are the ones we append.
@@ -34,7 +36,7 @@ import tiktoken
 from tokenizers import AddedToken, Tokenizer as HFTok, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from flax_gpt import storage
+from flax_gpt import hub
 from flax_gpt.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -260,21 +262,27 @@ class GPT2Tokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """Any tokenizer `transformers.AutoTokenizer` can load (local folder, or Hub id when online)."""
+    """Any tokenizer `transformers.AutoTokenizer` can load (a local folder, or a Hub id: cached or online)."""
 
     def __init__(self, name: str):
         self.name = name
-        if not Path(name).is_dir() and not storage.hub_reachable():
-            raise DataError(f"cannot load tokenizer {name!r}: it is not a local folder and the Hugging Face "
-                            "Hub is unreachable; use data.tokenizer=gpt2 (works offline) or a local "
-                            "tokenizer folder (or set HF_HUB_OFFLINE=1 if it is in your HF cache)")
+        local = Path(name).expanduser().is_dir()
+        if not local and not hub.is_hub_id(name):
+            raise DataError(f"tokenizer {name!r} not found: it is neither a local tokenizer folder nor a Hub id "
+                            "(`name` or `owner/name`); fix the path, or use data.tokenizer=gpt2 (works offline)")
+        # Offline (HF_HUB_OFFLINE, or no answer within seconds): the HF cache alone, without
+        # transformers' minute of retries.
+        cache_only = not local and (hub.hub_offline() or not hub.hub_reachable())
         try:
             from transformers import AutoTokenizer  # deferred: heavy; only non-GPT-2 tokenizers need it
 
-            self._tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:  # OSError offline, ValueError for unknown ids, HF Hub errors...
-            where = "the folder exists but holds no loadable tokenizer" if Path(name).is_dir() else (
-                "it is not a local folder and the Hugging Face Hub is unreachable or has no such id")
+            self._tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if local else name,
+                                                      local_files_only=cache_only)
+        except Exception as e:  # noqa: BLE001 - OSError offline, ValueError for unknown ids, Hub errors
+            where = ("the folder exists but holds no loadable tokenizer" if local else
+                     "it is not a local folder and, as a Hub id, it is not in the Hugging Face cache while the "
+                     "Hub is offline (HF_HUB_OFFLINE) or unreachable" if cache_only else
+                     "it is not a local folder and the Hub could not provide it (check the id)")
             raise DataError(f"cannot load tokenizer {name!r}: {where} ({type(e).__name__}); "
                             "use data.tokenizer=gpt2 (works offline) or a local tokenizer folder") from None
         eos = self._tok.eos_token_id
@@ -288,7 +296,7 @@ class HFTokenizer(Tokenizer):
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> str:
-        folder = Path(self.name)
+        folder = Path(self.name).expanduser()
         if folder.is_dir():
             files = [folder / f for f in TOKENIZER_FILES if (folder / f).is_file()]
             return _sha256_files(files)
@@ -318,11 +326,12 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """`gpt2`/`distilgpt2` -> offline GPT-2 BPE (tiktoken); anything else -> transformers.AutoTokenizer."""
+    """`gpt2`/`distilgpt2` -> offline GPT-2 BPE (tiktoken), unless a local folder has that name;
+    anything else -> transformers.AutoTokenizer (a local folder, or a Hub id)."""
     name = str(name).strip()
     if not name:
         raise DataError("data.tokenizer is empty; use data.tokenizer=gpt2 or a tokenizer folder")
-    if name in GPT2_NAMES:
+    if name in GPT2_NAMES and not Path(name).expanduser().is_dir():  # a local folder of that name wins
         return _gpt2(name)
     return HFTokenizer(name)
 

@@ -13,7 +13,7 @@ from typing import Any
 from flax_gpt.data.sources import source_fingerprint
 from flax_gpt.errors import UserError
 from flax_gpt.model.flops import param_count
-from flax_gpt.storage import is_hub_id
+from flax_gpt.hub import is_hub_id
 from flax_gpt.train.metrics import read_metrics
 from flax_gpt.train.run_dir import run_manifest
 

@@ -11,19 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file
 
 from flax_gpt.config import ModelConfig
 from flax_gpt.presets import GPT2_EOS_ID, MODEL_PRESETS
 from flax_gpt.errors import HFError
 from flax_gpt import storage
-from flax_gpt.storage import is_hub_id
+from flax_gpt import hub
+from flax_gpt.hub import is_hub_id
 
 
 # Ours -> HF, per block and at the top. LayerNorm "scale" is HF's "weight", a Conv1D "kernel" is
 # HF's "weight" with the same (in, out) layout, so no transposes are needed anywhere.
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+# What an import reads from a Hub repo: weights as safetensors (never pickle), configs, tokenizer.
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt", "vocab.json"]
 # HF buffers that are not parameters (causal-mask constants in older checkpoints).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _UNSUPPORTED = {  # HF GPT2Config options this implementation does not reproduce
@@ -131,22 +136,64 @@ def hf_config_dict(cfg: ModelConfig, eos_id: int = GPT2_EOS_ID) -> dict:
 
 
 def resolve_source(src: str) -> Path:
-    """An HF model folder (local, or in a bucket: copied to a local cache), or a Hub id downloaded
-    (safetensors and JSON only) to the local cache."""
+    """An HF model folder (local, or in a bucket: copied to a local cache) or a Hub id, decided as
+    `transformers` decides: an existing local path wins, otherwise a valid repo id (`distilgpt2`,
+    `openai-community/gpt2`) is fetched through the Hugging Face cache (`hub_snapshot`)."""
     if storage.is_remote(src):
         return storage.cached_copy(src, "models", what="model folder")
-    p = Path(src)
+    p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir():
             raise HFError(f"{src} is a file; pass a Hugging Face model folder (config.json + model.safetensors)")
         return p
     if not is_hub_id(src):
-        raise HFError(f"model folder not found: {src}; check the path")
+        raise HFError(f"model folder not found: {src}, and it is not a Hub id (`name` or `owner/name`); "
+                      "check the path")
+    return hub_snapshot(src.strip())
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hub model's folder in the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub).
+
+    A complete cached copy is used as it is, without the network: a run starts the same way online
+    and offline, and the hosts of a pod do not all query the Hub. Otherwise the files are downloaded
+    into the cache, unless HF_HUB_OFFLINE=1 or the Hub does not answer within seconds (the quick
+    check spares an offline user huggingface_hub's minute of retries)."""
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    cache = hub_constants.HF_HUB_CACHE
+    if hub.hub_offline() or not hub.hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if hub.hub_offline() else "the Hugging Face Hub is unreachable"
+        raise HFError(f"model {repo_id!r} is not a local folder, and as a Hub id it has no complete copy "
+                      f"(config.json + safetensors) in the Hugging Face cache {cache} while {why}; download it "
+                      "once online (or point HF_HUB_CACHE/HF_HOME at a cache that has it), or pass a local folder")
     try:
-        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"]))
-    except Exception as e:  # noqa: BLE001 - any Hub failure is reported the same way
-        raise HFError(f"could not fetch '{src}' from the Hugging Face Hub ({type(e).__name__}); "
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise HFError(f"the Hub refuses access to model {repo_id!r} (gated); accept its terms on huggingface.co "
+                      "and log in with `hf auth login`, or pass a local model folder") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise HFError(f"model {repo_id!r} is not a local folder and the Hub has no such model; check the path "
+                      "or id (a private model needs `hf auth login`)") from None
+    except Exception as e:  # noqa: BLE001 - any other Hub failure is reported the same way
+        raise HFError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
                       "check the id and network, or pass a local model folder") from None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot of `repo_id`'s main revision when it holds config.json and all weights."""
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or an unreadable cache entry
+        return None
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    complete = all((folder / f).is_file() for f in shards) if shards else (folder / "model.safetensors").is_file()
+    return folder if complete and (folder / "config.json").is_file() else None
 
 
 def read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
