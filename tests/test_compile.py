@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,13 +39,23 @@ def cli(*args, cwd: Path = ROOT, libtpu: bool = True, timeout: int = 300) -> sub
                           capture_output=True, text=True, timeout=timeout)
 
 
-def one_line_error(r, *needles) -> str:
-    lines = r.stderr.strip().splitlines()
+def hbm_total_gib(res: dict) -> float:
+    return res["hbm_per_device_bytes"]["total"] / GiB
+
+
+PROGRESS = re.compile(r"compile \[ *\d+\.\d s\]: .+")
+
+
+def one_line_error(r, *needles, after_progress: bool = False) -> str:
+    """Exit 2 and one `error:` line on stderr; `after_progress`: after the compile's progress lines
+    (a config compiled before the error was known), else alone (refused before anything ran)."""
+    *before, last = r.stderr.strip().splitlines() or [""]
     assert r.returncode == 2, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert last.startswith("error: "), r.stderr
+    assert all(PROGRESS.fullmatch(line) for line in before) if after_progress else not before, r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+        assert n in last, last
+    return last
 
 
 @needs_libtpu
@@ -54,7 +65,15 @@ def test_tiny_compiles_for_a_slice_and_reports_the_contract(tmp_path, topology, 
     out = tmp_path / "plan.json"
     r = cli("compile", "configs/tiny.yaml", "--topology", topology, "--out", out)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.strip() == ""  # libtpu's notices about a missing TPU are silenced
+    # stderr is the progress and nothing else (libtpu's notices about a missing TPU are silenced):
+    # a line as each phase begins, with the seconds since the start, the last one the verdict
+    lines = r.stderr.strip().splitlines()
+    assert all(PROGRESS.fullmatch(line) for line in lines), r.stderr
+    phases = ("abstract state built", "lowering the train step", "compiling with XLA:TPU", "analysing", "fits")
+    assert [next(i for i, line in enumerate(lines) if p in line) for p in phases] == sorted(
+        next(i for i, line in enumerate(lines) if p in line) for p in phases), r.stderr
+    elapsed = [float(re.search(r"\[ *([\d.]+) s\]", line).group(1)) for line in lines]
+    assert elapsed == sorted(elapsed)
     res = json.loads(r.stdout)
     assert CONTRACT <= set(res)
     assert json.loads(out.read_text()) == res
@@ -67,6 +86,7 @@ def test_tiny_compiles_for_a_slice_and_reports_the_contract(tmp_path, topology, 
     # the compiler's budget per device, not a guess: 15.75 GiB on v5e, 30.75 GiB on v4 (megacore)
     assert res["hbm_capacity_bytes"] == int((15.75 if kind == "TPU v5 lite" else 30.75) * GiB)
     assert res["fits"] is True
+    assert f"{hbm_total_gib(res):.2f} of {res['hbm_capacity_bytes'] / GiB:.2f} GiB per device, fits" in lines[-1]
     # XLA counts softmax, LayerNorm and the optimizer too, which are large next to tiny's matmuls
     ratio = res["flops_per_device_step_xla"] / res["flops_per_device_step_formula"]
     assert 0.95 < ratio < 1.4, ratio
@@ -89,7 +109,9 @@ def test_a_config_that_does_not_fit_prints_its_json_and_says_by_how_much():
     # 4 x 4096-wide layers: 805M parameters in fp32 + AdamW = 9.7 GB per device before activations
     r = cli("compile", "configs/tiny.yaml", "model.n_layer=4", "model.n_embd=4096", "model.n_head=32",
             "train.batch_size=64", "--topology", "v5e-4")
-    line = one_line_error(r, "does not fit", "GiB over", "--find-max-batch", "mesh.fsdp", "model.remat")
+    line = one_line_error(r, "does not fit", "GiB over", "--find-max-batch", "mesh.fsdp", "model.remat",
+                          after_progress=True)
+    assert "GiB per device, does not fit" in r.stderr.splitlines()[-2]  # the verdict, then what to change
     res = json.loads(r.stdout)
     assert res["fits"] is False and res["hbm_per_device_bytes"]["total"] > res["hbm_capacity_bytes"]
     assert f"{(res['hbm_per_device_bytes']['total'] - res['hbm_capacity_bytes']) / GiB:.2f} GiB over" in line
@@ -147,10 +169,23 @@ def fake_probe(base: float, per_seq: float, capacity: float, *, floor: float = 0
 ])
 def test_max_batch_search_finds_the_largest_multiple_that_fits(kw, start, unit, expected):
     probe, seen = fake_probe(**kw)
-    found = search_max_batch(probe, start, unit, kw["capacity"], max_compiles=10)
+    lines = []
+    found = search_max_batch(probe, start, unit, kw["capacity"], max_compiles=10, say=lines.append)
     assert found["max_batch"] == expected, seen
     assert all(b % unit == 0 for b in seen) and len(seen) == len(set(seen)) == found["compiles"] <= 10
     assert found["exact"] or expected == 68  # linear answer verified without probing 72
+    # one progress line per compile, in order: its batch, its memory, its verdict and its time
+    assert len(lines) == len(seen), lines
+    for batch, line in zip(seen, lines):
+        r = found["results"][batch]
+        gib = r["hbm_per_device_bytes"]["total"] / GiB
+        assert line.startswith(f"batch {batch}: {gib:.2f} of {kw['capacity'] / GiB:.2f} GiB per device, "), line
+        assert line.endswith("(1.0 s)"), line
+        verdict = line.split("GiB per device, ")[1]
+        assert verdict.startswith("fits") == r["fits"], line
+        # a batch the search refused although it fitted is one the compiler fitted by recomputing
+        refused = r["fits"] and batch > found["max_batch"]
+        assert ("recomputing" in verdict) == refused, (line, found["max_batch"])
 
 
 def test_profile_steps_write_a_trace_of_those_steps(tmp_path):

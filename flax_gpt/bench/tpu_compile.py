@@ -30,6 +30,7 @@ from jax.experimental import topologies
 from flax_gpt.config import Config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
+from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.state import StateBuilder
 
 GiB = 1024**3
@@ -148,12 +149,16 @@ def _bytes_per_device(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_step(cfg: Config, gen: str, devices: list) -> dict:
+def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
     """Compile the train step for `devices` and report memory, FLOPs and the roofline estimate.
-    A program the compiler refuses for lack of HBM comes back with fits=False, not an exception."""
+    A program the compiler refuses for lack of HBM comes back with fits=False, not an exception.
+    `say` gets a line as each phase begins (XLA:TPU alone takes minutes for a large model)."""
+    say = say or (lambda *_: None)
     # The run length only shapes the learning-rate curve (constants), not the program's memory.
     b = StateBuilder(cfg, cfg.train.steps or 1000, devices=devices)
     B, T, n = cfg.train.batch_size, cfg.data.seq_len, len(devices)
+    # The first line comes once the state is built: a config the mesh cannot take gets only its error line.
+    say(f"abstract state built (mesh {dict(b.mesh.shape)}, batch {B} x {T}); lowering the train step")
     kind = devices[0].device_kind
     params, opt = _bytes_per_device(b.abstract.params), _bytes_per_device(b.abstract.opt_state)
     capacity = HBM_BYTES[gen]
@@ -162,8 +167,10 @@ def compile_step(cfg: Config, gen: str, devices: list) -> dict:
            "mesh": dict(b.mesh.shape), "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
            "compiler": getattr(devices[0].client, "platform_version", None)}
     t0 = time.perf_counter()
+    lowered = b.step_fn.lower(b.abstract, b.abstract_batch())
+    say("compiling with XLA:TPU (the long part: minutes for a large model on a small host)")
     try:
-        compiled = b.step_fn.lower(b.abstract, b.abstract_batch()).compile()
+        compiled = wait_interruptibly(lowered.compile)  # SIGTERM and Ctrl-C stop it at once
     except Exception as e:  # noqa: BLE001 - XLA's runtime error; only its out-of-memory form is ours
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -180,6 +187,7 @@ def compile_step(cfg: Config, gen: str, devices: list) -> dict:
         total = max(total, capacity + 1)  # it did not fit, whatever the message left out
         ma, ca = None, {}
     else:
+        say("analysing memory and FLOPs")
         ma, ca = compiled.memory_analysis(), compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else (ca or {})  # older jax: [dict]
         temp = ma.temp_size_in_bytes
@@ -225,12 +233,20 @@ def search_max_batch(probe, start: int, unit: int, capacity: int, *, max_compile
     say = say or (lambda *_: None)
     results: dict[int, dict] = {}
     mem = lambda r: r["hbm_per_device_bytes"]["total"]  # noqa: E731
+    flops_line = None  # FLOPs against batch through the first two compiles, once both are in
+
+    def recomputes(r: dict) -> bool:
+        xla = r["flops_per_device_step_xla"]
+        return bool(r["fits"] and flops_line and xla and xla > (1 + RECOMPUTE_TOLERANCE) * flops_line(r["batch_size"]))
 
     def run(batch: int) -> dict:
-        if batch not in results:
+        if batch not in results:  # one line per compile: a search is several multi-minute compiles
             r = results[batch] = probe(batch)
-            say(f"batch {batch}: {mem(r) / GiB:.2f} of {capacity / GiB:.2f} GiB per device"
-                f"{'' if r['compiled'] else ' (the compiler ran out of HBM)'} ({r['compile_time_s']} s)")
+            verdict = ("fits only by recomputing activations (more FLOPs per sequence): not counted"
+                       if recomputes(r) else "fits" if r["fits"] else
+                       "does not fit" if r["compiled"] else "does not fit (the compiler ran out of HBM)")
+            say(f"batch {batch}: {mem(r) / GiB:.2f} of {capacity / GiB:.2f} GiB per device, {verdict} "
+                f"({r['compile_time_s']} s)")
         return results[batch]
 
     def done(lo: int, hi: int | None) -> dict:
@@ -250,8 +266,7 @@ def search_max_batch(probe, start: int, unit: int, capacity: int, *, max_compile
     flops_line = (lambda x, a=a, b=b: fa + (fb - fa) * (x - a) / (b - a)) if fa and fb else None  # a, b move on
 
     def clean_fit(r: dict) -> bool:
-        xla = r["flops_per_device_step_xla"]
-        return r["fits"] and not (flops_line and xla and xla > (1 + RECOMPUTE_TOLERANCE) * flops_line(r["batch_size"]))
+        return r["fits"] and not recomputes(r)
 
     last, streak = None, 0
     while len(results) < max_compiles and (hi is None or hi - lo > unit):
@@ -282,21 +297,37 @@ def search_max_batch(probe, start: int, unit: int, capacity: int, *, max_compile
 
 def compile_for_topology(cfg: Config, topology: str, *, find_max_batch: bool = False, max_compiles: int = 8,
                          say=None) -> dict:
-    """The `flax-gpt compile` JSON for this config on this slice (see the module docstring)."""
+    """The `flax-gpt compile` JSON for this config on this slice (see the module docstring).
+    `say` gets the progress: a line per phase, and per compile of the batch search, with the
+    seconds since the start."""
+    t0, say = time.perf_counter(), say or (lambda *_: None)
+
+    def phase(line: str) -> None:
+        say(f"compile [{time.perf_counter() - t0:7.1f} s]: {line}")
+
     gen, shape, devices = topology_devices(topology)
-    result = {"topology": topology, "topology_shape": shape, **compile_step(cfg, gen, devices)}
+    result = {"topology": topology, "topology_shape": shape, **compile_step(cfg, gen, devices, say=phase)}
+    shards = result["mesh"]["data"] * result["mesh"]["fsdp"]
+    unit = shards * cfg.train.grad_accum  # every batch shard gets whole micro-batches
+    if not find_max_batch or cfg.train.batch_size % unit:  # else the search's first line says this
+        phase(f"{result['hbm_per_device_bytes']['total'] / GiB:.2f} of {result['hbm_capacity_bytes'] / GiB:.2f} GiB "
+              f"per device, {'fits' if result['fits'] else 'does not fit'} (lowered and compiled in "
+              f"{result['compile_time_s']} s)")
     if find_max_batch:
-        shards = result["mesh"]["data"] * result["mesh"]["fsdp"]
-        unit = shards * cfg.train.grad_accum  # every batch shard gets whole micro-batches
-        found = search_max_batch(lambda b: result if b == cfg.train.batch_size else
-                                 compile_step(with_batch(cfg, b), gen, devices),
-                                 cfg.train.batch_size, unit, result["hbm_capacity_bytes"],
-                                 max_compiles=max_compiles, say=say)
+        def probe(batch: int) -> dict:
+            if batch == cfg.train.batch_size:
+                return result
+            phase(f"batch {batch}: compiling with XLA:TPU")
+            return compile_step(with_batch(cfg, batch), gen, devices)
+
+        found = search_max_batch(probe, cfg.train.batch_size, unit, result["hbm_capacity_bytes"],
+                                 max_compiles=max_compiles, say=phase)
         result["max_batch"] = found["max_batch"]
         result["max_batch_search"] = {"compiles": found["compiles"], "exact": found["exact"],
                                       "batch_multiple": unit,
                                       "tried": {str(k): {"fits": v["fits"], "hbm_total": v["hbm_per_device_bytes"]
                                                          ["total"]} for k, v in sorted(found["results"].items())}}
+        phase(f"largest batch that fits: {found['max_batch']} ({found['compiles']} compiles)")
     return result
 
 

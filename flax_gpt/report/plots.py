@@ -12,8 +12,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullFormatter
 from wordcloud import STOPWORDS, WordCloud
 
+from flax_gpt.report.series import column, mean_mfu, mean_tokens_per_sec, warmup_step
+
 DPI = 120
 MARKERS_UP_TO = 40  # draw point markers on series this short, so one or two points stay visible
+ANNOTATE_UP_TO = 12  # label evaluations with their value up to this many; more would crowd the plot
 # LaTeX and HTML leftovers that would otherwise top an arXiv word cloud.
 MARKUP_WORDS = {
     "mathbf", "mathcal", "mathrm", "mathbb", "frac", "cite", "citep", "citet", "ref", "eqref", "textit",
@@ -21,14 +24,6 @@ MARKUP_WORDS = {
     "sim", "alpha", "mathit", "url", "http", "https", "www", "com", "org", "amp", "nbsp", "lt", "gt", "quot",
     "br", "div", "span", "href", "endoftext", "et", "al", "i.e", "e.g", "eg", "ie",
 }
-
-
-def column(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the records that carry `key`; non-finite values become NaN (plot gaps)."""
-    rows = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    steps = np.array([s for s, _ in rows], dtype=np.int64)
-    values = np.array([v for _, v in rows], dtype=np.float64)
-    return steps, np.where(np.isfinite(values), values, np.nan)
 
 
 def new_figure(ncols: int = 1, *, width: float = 7.0, height: float = 4.5):
@@ -78,41 +73,62 @@ def ema(y: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
-def plot_loss(out: Path, train: list[dict], evals: list[dict]) -> str:
+def loss_figure(train: list[dict], evals: list[dict]) -> Figure:
+    """Train and validation loss against the step, with the tokens seen on a second x-axis on top
+    (one panel: tokens seen is the step times a fixed batch, so a by-tokens panel repeats the curve)."""
     steps, loss = column(train, "loss")
     vsteps, vloss = column(evals, "val_loss")
-    tsteps, seen = column(train, "tokens_seen")
-    fig, (by_step, by_tokens) = new_figure(2)
-    panels = [(by_step, steps, vsteps)]
-    if len(tsteps):  # eval steps get the tokens seen by the train step of the same number
-        panels.append((by_tokens, np.interp(steps, tsteps, seen), np.interp(vsteps, tsteps, seen)))
-    for ax, x, vx in panels:
-        long = len(loss) > 50
-        plot_line(ax, x, loss, "train loss (raw)" if long else "train loss", color="tab:blue",
-                  alpha=0.35 if long else 1.0)
-        if long:  # the raw curve of a long run is noise around this trend
-            ax.plot(x, ema(loss, 0.9), color="tab:blue", label="train loss (EMA 0.9)")
-        if len(vsteps):
-            ax.plot(vx, vloss, color="tab:orange", marker="o", markersize=5, label="validation loss")
-    style(by_step, "Loss vs step", "step", "cross-entropy (nats/token)")
-    if len(tsteps):
-        by_tokens.xaxis.set_major_formatter(EngFormatter())
-        style(by_tokens, "Loss vs tokens seen", "training tokens seen", "cross-entropy (nats/token)")
-    else:
-        style(by_tokens, "Loss vs tokens seen", "training tokens seen", "", empty="no tokens_seen in metrics")
-    return save(fig, out / "loss.png")
+    fig, (ax,) = new_figure(width=8.0)
+    long = len(loss) > 50
+    plot_line(ax, steps, loss, "train loss (raw)" if long else "train loss", color="tab:blue", alpha=0.35 if long else 1.0)
+    if long:  # the raw curve of a long run is noise around this trend
+        ax.plot(steps, ema(loss, 0.9), color="tab:blue", label="train loss (EMA 0.9)")
+    if len(vsteps):
+        ax.plot(vsteps, vloss, color="tab:orange", marker="o", markersize=5, label="validation loss")
+    style(ax, "Loss vs step", "step", "cross-entropy (nats/token)")
+    per_step = tokens_per_step(train)
+    if per_step:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
+        top.xaxis.set_major_formatter(EngFormatter())
+        top.set_xlabel("training tokens seen")
+    return fig
 
 
-def plot_perplexity(out: Path, evals: list[dict]) -> str:
+def tokens_per_step(train: list[dict]) -> float | None:
+    """Tokens per step when `tokens_seen` is the step times one constant (it is, unless a run was
+    resumed with another batch): then tokens seen can label the step axis. None otherwise."""
+    steps, seen = column(train, "tokens_seen")
+    if not len(steps) or steps.min() <= 0:
+        return None
+    per = seen / steps
+    return float(per[0]) if np.allclose(per, per[0], rtol=1e-9) else None
+
+
+def perplexity_figure(evals: list[dict], last_step: int | None = None) -> Figure:
+    """Every evaluation of metrics.jsonl as a marker, joined in step order, over the whole run's steps
+    (`last_step`), so a run evaluated twice shows where the two fell; up to ANNOTATE_UP_TO points
+    carry their value, so a short series reads as exactly as a table."""
     steps, ppl = column(evals, "perplexity")
     fig, (ax,) = new_figure()
     if len(steps):
-        ax.plot(steps, ppl, color="tab:orange", marker="o", markersize=5, label="validation perplexity")
+        ax.plot(steps, ppl, color="tab:orange", marker="o", markersize=6, label="validation perplexity",
+                gid="evaluations")
         ax.set_yscale("log")
+        if len(steps) <= ANNOTATE_UP_TO:
+            for x, y in zip(steps, ppl):
+                if np.isfinite(y):
+                    ax.annotate(f"{y:,.0f}" if y >= 100 else f"{y:.2f}", (x, y), xytext=(0, 9),
+                                textcoords="offset points", ha="center", fontsize=9, color="0.25",
+                                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+            ax.margins(y=0.15)  # room for the labels above the top point
         plain_log_labels(ax)
-    style(ax, "Validation perplexity vs step", "step", "perplexity (log scale)",
-          empty=None if len(steps) else "no evaluation recorded\n(set train.eval_every, or let training finish)")
-    return save(fig, out / "perplexity.png")
+        if last_step:
+            ax.set_xlim(0, max(last_step, int(steps.max())) * 1.06)
+    n = len(steps)
+    style(ax, f"Validation perplexity at each of the {n} evaluation{'s' * (n != 1)}" if n else
+          "Validation perplexity vs step", "step", "perplexity (log scale)",
+          empty=None if n else "no evaluation recorded\n(set train.eval_every, or let training finish)")
+    return fig
 
 
 def plain_log_labels(ax) -> None:
@@ -127,53 +143,100 @@ def plain_log_labels(ax) -> None:
         ax.grid(True, which="minor", alpha=0.3)
 
 
-def plot_lr(out: Path, train: list[dict]) -> str:
+def lr_figure(train: list[dict]) -> Figure:
     steps, lr = column(train, "lr")
     fig, (ax,) = new_figure()
     plot_line(ax, steps, lr, "learning rate", color="tab:green")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     style(ax, "Learning rate vs step", "step", "learning rate", empty=None if len(steps) else "no lr recorded")
-    return save(fig, out / "learning_rate.png")
+    return fig
 
 
-def plot_throughput(out: Path, train: list[dict]) -> str:
-    steps, tps = column(train, "tokens_per_sec")
-    msteps, mfu = column(train, "mfu")
+def throughput_figure(train: list[dict]) -> Figure:
+    """tokens/s per logged step, the warm-up step apart, and the one mean (series.mean_tokens_per_sec)."""
+    skip = warmup_step(train)
+    steps, tps = column([r for r in train if r["step"] != skip], "tokens_per_sec")
+    wsteps, wtps = column([r for r in train if r["step"] == skip], "tokens_per_sec")
+    msteps, mfu = column([r for r in train if r["step"] != skip], "mfu")
     fig, axes = new_figure(2 if len(msteps) else 1)
-    plot_line(axes[0], steps, tps, "tokens/s (all devices)", color="tab:purple")
+    plot_line(axes[0], steps, tps, "tokens/s (all devices)", color="tab:purple", markersize=6)
+    if len(wsteps):  # shown, but hollow: it is not in the mean
+        axes[0].plot(wsteps, wtps, linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                     color="0.45", label=f"step {int(wsteps[0])}: warm-up, not in the mean")
+    mean = mean_tokens_per_sec(train)
+    if mean is not None:
+        axes[0].axhline(mean, color="indigo", linestyle="--", linewidth=1.5, gid="mean",
+                        label=f"mean {mean:,.0f} tokens/s (tokens ÷ time)")
     axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    if len(steps) > 1:
-        axes[0].axhline(np.nanmean(tps), color="0.4", linestyle="--", linewidth=1,
-                        label=f"mean {np.nanmean(tps):,.0f} tokens/s")
+    if len(steps) or len(wsteps):  # from zero, so step-to-step noise is not drawn as a collapse; headroom
+        # keeps the fastest point off the frame
+        axes[0].set_ylim(0, 1.15 * np.nanmax(np.concatenate([tps, wtps, [mean or 0]])))
     style(axes[0], "Training throughput vs step", "step", "tokens / second",
-          empty=None if len(steps) else "no throughput recorded\n(the first step compiles and is not timed)")
+          empty=None if len(steps) or len(wsteps) else
+          "no throughput recorded\n(the first step compiles and is not timed)")
     if len(msteps):
         plot_line(axes[1], msteps, 100 * mfu, "MFU", color="tab:red")
+        if (m := mean_mfu(train)) is not None:
+            axes[1].axhline(100 * m, color="0.3", linestyle="--", linewidth=1, label=f"at the mean tokens/s {100 * m:.1f}%")
+        axes[1].set_ylim(bottom=0)
         style(axes[1], "Model FLOPs utilisation vs step", "step", "MFU (% of peak)")
-    return save(fig, out / "throughput.png")
+    return fig
 
 
-def plot_corpus(out: Path, manifest: dict) -> str:
+# Mode, mean and median often lie within a few percent of each other: each line ends in its own
+# marker at its own height, so lines that nearly coincide stay apart, and the legend with the values
+# sits under the axes, where no bar or line can run through its text.
+LENGTH_MARKS = (("mode", ":", "black", "v", 1.26), ("mean", "-", "tab:red", "D", 1.16),
+                ("median", "--", "tab:orange", "o", 1.06))
+
+
+def corpus_figure(manifest: dict) -> Figure:
     stats, src = manifest["stats"], manifest["source"]
-    fig, axes = new_figure(2, width=6.5)
+    fig, axes = new_figure(2, width=6.5, height=5.2)
     for ax, key, color in ((axes[0], "words", "tab:blue"), (axes[1], "tokens", "tab:green")):
         s = stats[key]
         edges, counts = s["histogram"]["bin_edges"], s["histogram"]["counts"]
+        top = max(max(counts), 1)
         ax.stairs(counts, edges, fill=True, color=color, alpha=0.45, label="documents")
-        for name, ls, c in (("mode", ":", "black"), ("mean", "-", "tab:red"), ("median", "--", "tab:orange")):
+        for name, ls, c, marker, height in LENGTH_MARKS:
             v = s[name]
-            ax.axvline(v, linestyle=ls, color=c, linewidth=1.8, label=f"{name} {v:,.{0 if v == int(v) else 1}f}")
+            ax.plot([v, v], [0, height * top], linestyle=ls, color=c, linewidth=1.8, marker=marker,
+                    markevery=[1], markersize=8, gid=name, label=f"{name} {v:,.{0 if v == int(v) else 1}f}")
         pad = stats.get("pad_truncate_300", {}).get("length")
         if key == "tokens" and pad and edges[0] <= pad * 1.25 and pad <= edges[-1] * 1.25:
             ax.axvline(pad, color="0.5", linewidth=1.2, label=f"pad/truncate length {pad}")
-        ax.set_ylim(0, 1.6 * max(max(counts), 1))  # headroom: the legend sits above the bars
+        ax.set_ylim(0, 1.34 * top)
         unit = "tokens (EOS not counted)" if key == "tokens" else "words"
         style(ax, f"Document length in {key}", f"document length in {unit}", "documents")
+        entries = len(ax.get_legend_handles_labels()[0])  # one row when it fits, else filled column by column
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=entries if entries <= 4 else 3,
+                  frameon=False, fontsize=9)
     kind = "SYNTHETIC corpus (generated, not real text)" if src.get("synthetic") else "Corpus"
     desc = src.get("description", "")
     desc = desc if len(desc) <= 110 else desc[:107] + "..."
     fig.suptitle(f"{kind}: {stats.get('documents', 0):,} documents\n{desc}", fontweight="bold")
-    return save(fig, out / "corpus_lengths.png")
+    return fig
+
+
+# The report writes each figure to RUN_DIR/report/NAME.png; these keep that one call per file.
+def plot_loss(out: Path, train: list[dict], evals: list[dict]) -> str:
+    return save(loss_figure(train, evals), out / "loss.png")
+
+
+def plot_perplexity(out: Path, evals: list[dict], last_step: int | None = None) -> str:
+    return save(perplexity_figure(evals, last_step), out / "perplexity.png")
+
+
+def plot_lr(out: Path, train: list[dict]) -> str:
+    return save(lr_figure(train), out / "learning_rate.png")
+
+
+def plot_throughput(out: Path, train: list[dict]) -> str:
+    return save(throughput_figure(train), out / "throughput.png")
+
+
+def plot_corpus(out: Path, manifest: dict) -> str:
+    return save(corpus_figure(manifest), out / "corpus_lengths.png")
 
 
 # ----------------------------------------------------------------------------- word clouds

@@ -2,7 +2,7 @@
 
 Reads only contracts: `metrics.jsonl` (`metrics.read_metrics`; a resumed run may repeat a step and
 the later line wins), `config.yaml` (`run.read_run_config`), the shards' `manifest.json` (its
-`stats` block) and training split, and the run's latest checkpoint (`generate.sample_run`).
+`stats` block) and training split, and the run's latest checkpoint (`generate.load_model`).
 
 Figures are drawn on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so making
 a report neither needs a display nor switches the backend of the caller (a notebook, say). Word
@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import html
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm  # in Jupyter a notebook widget, elsewhere the text bar
 
 from flax_gpt import storage
 from flax_gpt.data.shards import open_split, read_manifest
 from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import CheckpointError, ConfigError
 from flax_gpt.generate import load_model
-from flax_gpt.report.plots import (cloud_image, column, plot_clouds, plot_corpus, plot_loss, plot_lr,
-                                   plot_perplexity, plot_throughput, slug)
-from flax_gpt.train.metrics import METRICS_FILE, read_metrics
+from flax_gpt.report.plots import (cloud_image, plot_clouds, plot_corpus, plot_loss, plot_lr, plot_perplexity,
+                                   plot_throughput, slug)
+from flax_gpt.report.series import MEAN_TPS_DEFINITION, mean_mfu, mean_tokens_per_sec, read_series
 from flax_gpt.train.run_dir import find_shards, read_run_config
 
 DEFAULT_PROMPTS = ("the role of recommender systems", "clustering", "transformers for text generation")
@@ -34,22 +37,6 @@ CORPUS_TOKEN_CAP = 300_000  # enough text for a stable word cloud; decoding more
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records), one per step (the later line wins), sorted by step."""
-    if not (run_dir / METRICS_FILE).exists():
-        raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass the train.run_dir of a run that has trained "
-                          f"(`flax-gpt train CONFIG train.run_dir={run_dir}`)")
-    try:
-        records = read_metrics(run_dir)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    train = {int(r["step"]): r for r in records if "loss" in r}
-    evals = {int(r["step"]): r for r in records if "val_loss" in r}
-    if not train:
-        raise ConfigError(f"{run_dir / METRICS_FILE} has no training records; train at least one step first")
-    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 
 def corpus_text(shards_dir: Path, manifest: dict, cap: int = CORPUS_TOKEN_CAP) -> str:
@@ -69,13 +56,6 @@ def corpus_text(shards_dir: Path, manifest: dict, cap: int = CORPUS_TOKEN_CAP) -
 
 
 def summarize(train: list[dict], evals: list[dict], run_dir: Path) -> dict:
-    steps, tps = column(train, "tokens_per_sec")
-    _, times = column(train, "step_time_s")
-    _, mfu = column(train, "mfu")
-    if len(tps) and len(times) == len(tps) and np.nansum(times) > 0:  # total tokens / total time
-        mean_tps = float(np.nansum(tps * times) / np.nansum(times))
-    else:
-        mean_tps = float(np.nanmean(tps)) if len(tps) else None
     last_eval = evals[-1] if evals else {}
     ckpt = run_dir / "checkpoints"
     return {
@@ -86,8 +66,9 @@ def summarize(train: list[dict], evals: list[dict], run_dir: Path) -> dict:
         "val_loss": last_eval.get("val_loss"),
         "perplexity": last_eval.get("perplexity"),
         "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-        "mean_tokens_per_sec": mean_tps,
-        "mean_mfu": float(np.nanmean(mfu)) if len(mfu) else None,
+        "mean_tokens_per_sec": mean_tokens_per_sec(train),
+        "mean_tokens_per_sec_definition": MEAN_TPS_DEFINITION,
+        "mean_mfu": mean_mfu(train),
         "checkpoints": sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else [],
     }
 
@@ -116,7 +97,7 @@ CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;
 img{max-width:100%;border:1px solid #ddd}figure{margin:1.5em 0}figcaption{color:#555;font-size:.9em}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left}
 th{background:#f4f4f4;font-weight:600}pre{white-space:pre-wrap;background:#f8f8f8;padding:.7em;
-border-left:3px solid #99c}.note{color:#a40}b.prompt{color:#236}"""
+border-left:3px solid #99c}.note{color:#a40}.def{color:#555;font-size:.9em}b.prompt{color:#236}"""
 
 
 def write_html(out: Path, run_dir: Path, cfg, summary: dict, figures: list[tuple[str, str]],
@@ -136,7 +117,8 @@ def write_html(out: Path, run_dir: Path, cfg, summary: dict, figures: list[tuple
         ("validation perplexity", summary["perplexity"]), ("best validation loss", summary["best_val_loss"]),
         ("mean tokens/s", summary["mean_tokens_per_sec"]),
         *([("mean MFU", f"{100 * summary['mean_mfu']:.1f}%")] if summary["mean_mfu"] is not None else []),
-        ("checkpoints", ", ".join(map(str, summary["checkpoints"])) or None)]))
+        ("checkpoints", ", ".join(map(str, summary["checkpoints"])) or None)])
+        + f"<p class='def'>mean tokens/s: {html.escape(MEAN_TPS_DEFINITION)}.</p>")
     if manifest is not None:
         s, src, p = manifest["stats"], manifest["source"], manifest["stats"].get("pad_truncate_300", {})
         dropped = sum(sp["dropped_tokens"] for sp in manifest["splits"].values())
@@ -174,41 +156,79 @@ def write_html(out: Path, run_dir: Path, cfg, summary: dict, figures: list[tuple
 # ----------------------------------------------------------------------------- the verb
 
 
+class Phases:
+    """One line per phase through `say`, with the seconds since the report began: on a large run
+    sampling and the word clouds take minutes, and a silent wait reads as a hang."""
+
+    def __init__(self, say):
+        self.say, self.t0 = say, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.say(f"report [{time.perf_counter() - self.t0:6.1f} s]: {what}")
+
+
+def say_stderr(line: str) -> None:
+    """Progress goes to stderr, flushed at once: stdout keeps only the verb's result."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def sample_texts(run_dir: Path, prompts: Sequence[str], samples: int, max_new_tokens: int, seed: int,
+                 *, progress: bool) -> dict[str, list[str]]:
+    """{prompt: continuations}, one generate call per prompt so the bar can count samples (prompts
+    of up to 16 tokens share one compiled shape), each prompt with its own seed so a run's report
+    is the same every time; raises the checkpoint's or the length check's error."""
+    model = load_model(run_dir=run_dir)
+    texts = {}
+    with tqdm(total=samples * len(prompts), desc="report: samples", unit="sample", file=sys.stderr,
+              disable=not progress, mininterval=0) as bar:
+        for i, p in enumerate(prompts):
+            flat = model.generate([p], max_new_tokens=max_new_tokens, seed=seed + i, num_samples=samples, top_p=0.95)
+            texts[p] = [t[len(p):] if t.startswith(p) else t for t in flat]  # the clouds show the continuation
+            bar.update(samples)
+    return texts
+
+
 def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
-                 prompts: Sequence[str] = DEFAULT_PROMPTS, say=print) -> Path:
+                 prompts: Sequence[str] = DEFAULT_PROMPTS, say=say_stderr, progress: bool = True) -> Path:
     """Write RUN_DIR/report/{*.png, index.html, summary.json}; return the index.html path.
 
     `samples` continuations of `max_new_tokens` per prompt (0: none). Parts whose inputs are missing
     (no shards here, no checkpoint yet) are left out with a note; a missing metrics.jsonl is an error.
+    `say` gets one line per phase and the notes; `progress` shows a tqdm bar over the samples.
     """
+    phase = Phases(say)
     shown, run_dir = run_dir, storage.location(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {shown} does not exist; pass the train.run_dir of a trained run")
     cfg = read_run_config(run_dir)
     train, evals = read_series(run_dir)
+    # Said once the inputs are read: a run directory that cannot be reported on gets only its error line.
+    phase(f"read {len(train)} training and {len(evals)} evaluation records of metrics.jsonl")
     notes: list[str] = []
     # Sample first: a bad --max-new-tokens fails here, before any file is written.
     texts: dict[str, list[str]] = {}
     if samples > 0 and prompts:
+        phase(f"loading the latest checkpoint; sampling {samples} continuation(s) of {max_new_tokens} tokens "
+              f"for each of {len(prompts)} prompt(s)")
         try:
-            flat = load_model(run_dir=run_dir).generate(list(prompts), max_new_tokens=max_new_tokens,
-                                                        seed=cfg.train.seed, num_samples=samples, top_p=0.95)
+            texts = sample_texts(run_dir, prompts, samples, max_new_tokens, cfg.train.seed, progress=progress)
         except CheckpointError as e:
             notes.append(f"Samples left out: {e}")
-        else:  # prompt-major order; each text is prompt + continuation, the clouds show the continuation
-            texts = {p: [t[len(p):] if t.startswith(p) else t for t in flat[i * samples:(i + 1) * samples]]
-                     for i, p in enumerate(prompts)}
     target = run_dir / REPORT_DIR
     storage.check_output(target, "report", reuse=True)
     out = storage.staging_folder(target) if storage.is_remote(target) else Path(str(target))
     storage.mark(out, "report")
+    phase("plots: loss, perplexity, learning rate, throughput")
     figures = [
-        (plot_loss(out, train, evals), "Training loss (per step) and validation loss (markers) against "
-                                       "optimizer steps (left) and training tokens seen (right)."),
-        (plot_perplexity(out, evals), "Validation perplexity, exp(validation loss), on a log scale."),
+        (plot_loss(out, train, evals), "Training loss (per step) and validation loss (markers) against optimizer "
+                                       "steps; the top axis counts the training tokens seen."),
+        (plot_perplexity(out, evals, train[-1]["step"]),
+         f"Validation perplexity, exp(validation loss), on a log scale: each of the {len(evals)} evaluation(s) "
+         "in metrics.jsonl is a marker, over the whole run's steps."),
         (plot_lr(out, train), "Learning rate applied at each step (the optimizer's schedule)."),
-        (plot_throughput(out, train), "Training throughput in tokens per second over all devices "
-                                      "(and MFU where the device's peak is known); step 1 compiles and is not timed."),
+        (plot_throughput(out, train), "Training throughput in tokens per second over all devices (and MFU where "
+                                      "the device's peak is known); step 1 compiles and is not timed. "
+                                      f"The dashed mean: {MEAN_TPS_DEFINITION}."),
     ]
 
     clouds, manifest = [], None
@@ -217,25 +237,31 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
         notes.append(f"Corpus plots left out: no manifest.json at data.shards_dir={cfg.data.shards_dir} "
                      f"(relative to where training ran); run the report from that directory.")
     else:
+        phase("corpus: length histograms; decoding the training split for its word cloud")
         manifest = read_manifest(shards)
         synthetic = " (synthetic)" if manifest["source"].get("synthetic") else ""
         figures.append((plot_corpus(out, manifest), f"Document lengths of the whole corpus{synthetic}, in words "
-                        "and in tokens, with mode, mean and median; the grey line is the pad/truncate length."))
-        clouds.append(("corpus", f"training corpus{synthetic}", cloud_image(corpus_text(shards, manifest))))
+                        "and in tokens, with mode, mean and median (each line ends in its own marker); the grey "
+                        "line is the pad/truncate length."))
+        clouds.append(("corpus", f"training corpus{synthetic}", corpus_text(shards, manifest)))
 
-    clouds += [(slug(p), f"samples: “{p}”", cloud_image("\n".join(ts))) for p, ts in texts.items()]
+    clouds += [(slug(p), f"samples: “{p}”", "\n".join(ts)) for p, ts in texts.items()]
     if clouds:
-        combined, singles = plot_clouds(out, clouds)
+        phase(f"word clouds ({len(clouds)})")
+        combined, singles = plot_clouds(out, [(n, t, cloud_image(text)) for n, t, text in clouds])
         figures.append((combined, "Word clouds (English stopwords and LaTeX/markup removed) of the training "
                         "corpus and of the generated continuations of each prompt, side by side."))
         figures += [(n, f"The same word cloud on its own: {t}.") for n, (_, t, _) in zip(singles, clouds)]
 
+    phase("writing summary.json and index.html")
     summary = summarize(train, evals, run_dir)
     (out / "summary.json").write_text(json.dumps({**summary, "samples": texts, "notes": notes}, indent=1) + "\n")
     for n in notes:
         say(f"note: {n}")
     index = write_html(out, run_dir, cfg, summary, figures, manifest, texts, notes)
     if storage.is_remote(target):  # built locally, then uploaded into the bucket run directory
+        phase(f"uploading to {target}")
         storage.publish_folder(out, target)
-        return target / index.name
+        index = target / index.name
+    phase("done")
     return index
