@@ -168,6 +168,9 @@ class TrainConfig:
     sample_max_new_tokens: int = setting(48, "tokens generated per end-of-training sample", effect=RUN)
     profile_steps: str = setting("", "START:END writes a jax.profiler trace of those steps to RUN_DIR/profile",
                                  effect=RUN)
+    wandb_project: str = setting("", "also log each metrics record to this W&B project; empty = off", effect=RUN)
+    wandb_entity: str = setting("", "W&B team or user of wandb_project; empty = your default entity", effect=RUN)
+    wandb_run_name: str = setting("", "W&B run name; empty = the run directory's name", effect=RUN)
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.grad_accum <= 0:

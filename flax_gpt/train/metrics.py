@@ -1,4 +1,4 @@
-"""Training metrics: JSONL + TensorBoard writers, a progress bar, and throughput accounting.
+"""Training metrics: JSONL + TensorBoard (+ optional W&B) writers, a progress bar, and throughput.
 
 On-disk layout (**contract**, read by the report and the tests):
 - `RUN_DIR/metrics.jsonl`: one JSON object per line, each with an integer `step`; train lines
@@ -6,6 +6,9 @@ On-disk layout (**contract**, read by the report and the tests):
   resumed run continues the same file (a step may then appear twice; the later line wins).
 - `RUN_DIR/tb/`: TensorBoard event files, one scalar per numeric key at `step`, tagged
   `train/<key>`, or `eval/<key>` for lines that contain `val_loss`.
+- With `train.wandb_project` set, every metrics.jsonl record also goes to a Weights & Biases run
+  (the same keys, `step` its x-axis) that records the resolved config; `RUN_DIR/wandb_id` names
+  that run, so a resumed training continues it.
 
 Only process 0 writes (`enabled=jax.process_index() == 0`); elsewhere every call is a no-op.
 This module never imports jax: device arrays are converted with `.item()`.
@@ -14,8 +17,10 @@ This module never imports jax: device arrays are converted with `.item()`.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import math
+import secrets
 import shutil
 import sys
 import tempfile
@@ -23,13 +28,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # in Jupyter a notebook widget, elsewhere the text bar
 
 from flax_gpt import storage
+from flax_gpt.config import Config, TrainConfig
+from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+WANDB_ID_FILE = "wandb_id"
 
 
 def _plain(key: str, value: Any) -> Any:
@@ -43,8 +51,45 @@ def _plain(key: str, value: Any) -> Any:
     raise TypeError(f"metric {key!r} has a value of type {type(value).__name__} that is not a scalar")
 
 
+def check_wandb(train: TrainConfig) -> None:
+    """Before training: W&B logging (`train.wandb_project`) needs the optional wandb package."""
+    if train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"train.wandb_project={train.wandb_project} needs the wandb package: "
+                          'pip install -e ".[wandb]" (or set train.wandb_project= to train without W&B)')
+
+
+class _WandbRun:
+    """The W&B mirror of metrics.jsonl: one W&B run per run directory, its id kept in
+    `RUN_DIR/wandb_id` so a resumed training logs on into the same run. `WANDB_MODE`, `WANDB_DIR`
+    and the other WANDB_* variables work as usual."""
+
+    def __init__(self, config: Config, run_dir) -> None:
+        import wandb  # deferred: an optional extra, loaded only when train.wandb_project is set
+
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:
+            run_id = secrets.token_hex(6)  # W&B ids: letters, digits, - and _
+            storage.write_atomic(id_file, run_id + "\n")
+        t = config.train
+        # A resume may change settings that only affect how the run goes (train.steps, eval_every...).
+        self.run = wandb.init(project=t.wandb_project, entity=t.wandb_entity or None,
+                              name=t.wandb_run_name or run_dir.name, id=run_id, resume="allow",
+                              config=config.to_dict(), allow_val_change=True)
+        # Our step is the x-axis, not W&B's own row counter: a run resumed from an earlier checkpoint
+        # logs steps again (as metrics.jsonl does) instead of W&B dropping them as out of order.
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, line: dict[str, Any]) -> None:
+        self.run.log(line)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsWriter:
-    """Appends metric records to `RUN_DIR/metrics.jsonl` and TensorBoard scalars to `RUN_DIR/tb`.
+    """Appends metric records to `RUN_DIR/metrics.jsonl` and TensorBoard scalars to `RUN_DIR/tb`
+    (and to W&B when `config.train.wandb_project` is set; `config` is the run's resolved config).
 
     `purge_step`: when resuming from a checkpoint at that step, TensorBoard hides the events the
     previous run wrote at or after it, so the curves don't fold back on themselves.
@@ -54,13 +99,19 @@ class MetricsWriter:
     on close).
     """
 
-    def __init__(self, run_dir, *, enabled: bool, purge_step: int | None = None, sync_every_s: float = 30.0):
+    def __init__(self, run_dir, *, enabled: bool, purge_step: int | None = None, sync_every_s: float = 30.0,
+                 on_record=None, config: Config | None = None):
         self.enabled, self.purge_step, self.sync_every_s = enabled, purge_step, sync_every_s
+        self.config = config
+        if config is not None:
+            check_wandb(config.train)
+        self.on_record = on_record  # called with each record as written: a notebook's live plot
         self.run_dir = storage.location(run_dir)
         self.remote = storage.is_remote(run_dir)
         self._local: Path | None = None
         self._file = None
         self._tb = None
+        self._wandb: _WandbRun | None = None
         self._synced = time.monotonic()
 
     def _open(self) -> None:
@@ -76,6 +127,8 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # deferred: heavy (protobuf), only the writing host needs it
 
         self._tb = SummaryWriter(logdir=str(self._local / TB_DIR), purge_step=self.purge_step)
+        if self.config is not None and self.config.train.wandb_project:
+            self._wandb = _WandbRun(self.config, self.run_dir)
 
     def sync(self) -> None:
         """Upload the staged files to a bucket run directory (nothing to do for a local one)."""
@@ -101,12 +154,16 @@ class MetricsWriter:
         # visible, and read_metrics reads it back.
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
+        if self.on_record is not None:
+            self.on_record(dict(line))
         prefix = "eval" if "val_loss" in line else "train"
         for key, value in line.items():
             if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             self._tb.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(dict(line))
         if self.remote and time.monotonic() - self._synced > self.sync_every_s:
             self.sync()
 
@@ -118,6 +175,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self.remote and self._local is not None:
             shutil.rmtree(self._local, ignore_errors=True)
             self._local = None
@@ -152,8 +212,9 @@ def read_metrics(run_dir) -> list[dict[str, Any]]:
 class ProgressBar:
     """tqdm bar over training steps showing loss, tokens/s and the ETA.
 
-    On a terminal it refreshes ~10x a second; in a pipe or log file it stays visible but redraws
-    at most every `pipe_interval_s` seconds so logs don't fill with carriage-return updates.
+    On a terminal or in a notebook it refreshes ~10x a second; in a pipe or log file it stays
+    visible but redraws at most every `pipe_interval_s` seconds so logs don't fill with
+    carriage-return updates.
     `disable=True` (e.g. `train.progress=false`, or not process 0) turns it off.
     """
 
@@ -167,7 +228,8 @@ class ProgressBar:
         pipe_interval_s: float = 30.0,
     ):
         file = file if file is not None else sys.stderr
-        is_tty = bool(getattr(file, "isatty", lambda: False)())
+        # A Jupyter kernel redraws the bar in place like a terminal does, though its stderr is no tty.
+        is_tty = bool(getattr(file, "isatty", lambda: False)()) or "ipykernel" in sys.modules
         self._bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -191,8 +253,10 @@ class ProgressBar:
         self._bar.update(step - self._bar.n)
 
     def write(self, text: str) -> None:
-        """Print a line without breaking the bar (eval results, samples)."""
+        """Print a line on stdout without breaking the bar (phases, eval results), flushed so a
+        pipe or log file sees it when it is said."""
         self._bar.write(text)
+        sys.stdout.flush()
 
     def close(self) -> None:
         self._bar.close()

@@ -1,5 +1,5 @@
 """The run directory (**contract**): `config.yaml`, `checkpoints/<step>/`, `metrics.jsonl`, `tb/`,
-plus the ownership marker `.flax_gpt.json`.
+`wandb_id` (with W&B logging), plus the ownership marker `.flax_gpt.json`.
 
 A run directory changes only when a step was trained: `check_run_dir` inspects it before anything
 runs and writes nothing; `commit_config` writes the marker and the resolved config once the first
@@ -18,6 +18,7 @@ from flax_gpt.config import RESULT, Config, ModelConfig, config_from_yaml, confi
 from flax_gpt.data.shards import MANIFEST_NAME, read_manifest
 from flax_gpt.errors import CheckpointError, ConfigError, UserError
 from flax_gpt.train.checkpoint import Checkpointer
+from flax_gpt.train.metrics import check_wandb
 from flax_gpt.train.optim import needs_run_length
 
 CONFIG_FILE = "config.yaml"
@@ -53,6 +54,7 @@ def trained_steps(ckpt: Checkpointer) -> list[int]:
 def check_run_dir(cfg: Config) -> bool:
     """Check, without writing anything, that `cfg` may train in its run directory. True when it
     resumes trained checkpoints. Raises naming the problem (foreign folder, changed setting...)."""
+    check_wandb(cfg.train)  # the run's metrics writer will need it
     run_dir = storage.location(cfg.train.run_dir)
     storage.check_output(cfg.train.run_dir, "run", reuse=True)
     storage.check_writable(run_dir, "train.run_dir")
