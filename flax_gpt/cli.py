@@ -5,35 +5,20 @@ stderr naming the problem and the fix, exit status 2 (a training failure, `Train
 our errors, the OSError family (permission, not-a-directory, exists, no space left) and argument
 errors. A genuine bug keeps its traceback; `--debug` or FLAX_GPT_DEBUG=1 shows it for the rest too.
 SIGTERM or Ctrl-C before training starts stops with one line; during training they checkpoint.
+How the process around a verb behaves (quiet libraries, signals, the one line) is `process.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import logging
 import os
 import signal
 import sys
 
-from absl import logging as absl_logging
-
+from flax_gpt import process
 from flax_gpt.config import config_yaml, explain, load_config
 from flax_gpt.errors import ConfigError, UserError
-
-_OS_HINTS = {
-    errno.EACCES: "check its permissions or choose another path",
-    errno.EPERM: "check its permissions or choose another path",
-    errno.EROFS: "the filesystem is read-only; choose another path",
-    errno.ENOSPC: "free disk space or choose another path",
-    errno.EDQUOT: "free disk space (quota) or choose another path",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
-    errno.EISDIR: "it is a folder where a file was expected; fix the path",
-    errno.EEXIST: "it already exists; remove it or choose another path",
-    errno.ENOENT: "it does not exist; fix the path",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
@@ -57,6 +42,11 @@ def _maybe_distributed(args) -> None:
                                    process_id=args.process_id)
     else:
         jax.distributed.initialize()
+
+
+def _progress(line: str) -> None:
+    """Progress of a long verb: on stderr, so stdout stays the verb's result (one JSON object)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # Each verb imports the library it needs when it runs (deferred: `flax-gpt --help` and argument
@@ -89,7 +79,7 @@ def cmd_train(args) -> int:
     _maybe_distributed(args)
     from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
-    result = pipeline.train(_config(args), overwrite_data=args.overwrite_data)
+    result = pipeline.train(_config(args), overwrite_data=args.overwrite_data, overwrite_export=args.overwrite)
     print(json.dumps(result))
     return 0
 
@@ -98,7 +88,8 @@ def cmd_eval(args) -> int:
     from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
 
     print(json.dumps(pipeline.evaluate(args.run_dir, hf=args.hf, step=args.step, data=args.data,
-                                       text_column=args.text_column, template=args.template, seq_len=args.seq_len)))
+                                       text_column=args.text_column, template=args.template, seq_len=args.seq_len,
+                                       say=_progress)))
     return 0
 
 
@@ -215,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train", help="train (resumes from the run directory's latest checkpoint)")
     with_config(sp)
     sp.add_argument("--overwrite-data", action="store_true", help="re-prepare shards whose inputs changed")
+    sp.add_argument("--overwrite", action="store_true", help="replace another run's export in train.export_dir")
     sp.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() with auto-detection")
     sp.add_argument("--coordinator", help="host:port of process 0 for a multi-process run")
     sp.add_argument("--num-processes", type=int)
@@ -226,12 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("run_dir", nargs="?")
     src.add_argument("--hf", metavar="HF_DIR", help="an HF GPT-2 folder or Hub id instead of a run")
     sp.add_argument("--step", help="N, 'latest' (default) or 'best'")
-    sp.add_argument("--data", metavar="SOURCE", help="evaluate on every document of this source (default: the "
+    sp.add_argument("--data", metavar="SOURCE", help="evaluate on every document of this source, or on the "
+                                                     "validation split of a prepared shards folder (default: the "
                                                      "run's validation split)")
     sp.add_argument("--text-column", help="column holding the text of --data (default: the config's, abstract)")
     sp.add_argument("--template", help='text of --data built from columns, e.g. "{title}\\n{abstract}"')
-    sp.add_argument("--seq-len", type=int, help="row length (default: the run's data.seq_len; HF: n_positions, "
-                                                "at most 1024)")
+    sp.add_argument("--seq-len", type=int, help="row length for --data text (default: the run's data.seq_len; "
+                                                "HF: n_positions, at most 1024); reported as seq_len")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("import-hf", help="HF model folder or Hub id -> run directory with a step-0 checkpoint")
@@ -295,77 +288,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries(debug: bool) -> None:
-    """Orbax and JAX log routine notices through absl at WARNING, and failures they also raise
-    (a full disk, say) as tracebacks at ERROR; users see only our one line (all of it with --debug)."""
-    level = absl_logging.ERROR if debug else absl_logging.FATAL
-    absl_logging.set_verbosity(level)
-    logging.getLogger("absl").setLevel(logging.ERROR if debug else logging.CRITICAL)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and not isinstance(e, UserError):
-        where = e.filename if e.filename is not None else ""
-        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
-        hint = _OS_HINTS.get(e.errno, "check the path")
-        return f"{where}: {what}; {hint}" if where else f"{what}; {hint}"
-    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
-    return text
-
-
-STOPPED = "what was already written is complete; rerun the same command to continue"
-
-
-def _quiet_closed_loops(debug: bool) -> None:
-    """When a disk fills up during a checkpoint write, TensorStore still completes the other pending
-    writes and reports each to Orbax's event loop, which has closed; each report is printed as a
-    traceback. They repeat our one line's failure, so they are dropped (shown with --debug)."""
-    def echo(e: BaseException | None) -> bool:
-        return not debug and type(e) is RuntimeError and str(e) == "Event loop is closed"
-
-    default = sys.unraisablehook  # how TensorStore's callback threads report them
-    sys.unraisablehook = lambda u: None if echo(u.exc_value) else default(u)
-
-
-def _terminate(signum, frame):
-    """SIGTERM outside the training loop (which checkpoints instead) stops at once, wherever it lands.
-    Every verb's writes are atomic or resumable, as after kill -9; an exception raised here instead
-    could land inside a library's import or an `except` that swallows it."""
-    os.write(2, f"terminated (SIGTERM); {STOPPED}\n".encode())
-    os._exit(143)
-
-
-def _interrupted(e: BaseException) -> bool:
-    """Whether Ctrl-C is behind an exception: one that lands while an extension module initializes
-    reaches us as that import's ImportError, caused by it."""
-    todo, seen = [e], set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        todo += [e.__cause__, e.__context__]
-    return False
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`section.key=value` overrides may stand anywhere after the verb, flags included
+    (`train CONFIG --overwrite-data train.steps=5`): argparse stops filling a positional list at the
+    first flag, so the words it leaves over are the config's to check; unknown flags are an error."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FLAX_GPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
-    signal.signal(signal.SIGTERM, _terminate)  # the training loop replaces it while it runs
+    signal.signal(signal.SIGTERM, process.terminate)  # the training loop replaces it while it runs
     try:
-        args = build_parser().parse_args(argv)
-        _quiet_libraries(debug)
-        _quiet_closed_loops(debug)
+        args = parse_args(argv)
+        process.quiet_libraries(debug)
         return args.fn(args)
     except BaseException as e:
-        if _interrupted(e):
-            print(f"interrupted; {STOPPED}", file=sys.stderr)
+        if process.interrupted(e):
+            print(f"interrupted; {process.STOPPED}", file=sys.stderr)
             return 130
         if debug or not isinstance(e, (UserError, OSError)):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {process.one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
 

@@ -32,8 +32,11 @@ from flax_gpt.train.state import StateBuilder, load_params, total_steps
 from flax_gpt.train.trainer import Trainer
 
 
-def check_outputs(cfg: Config) -> bool:
-    """Everything `train` will write, checked before anything runs. True when resuming."""
+def check_outputs(cfg: Config, *, overwrite_export: bool = False) -> bool:
+    """Everything `train` will write, checked before anything runs. True when resuming.
+
+    The end of training replaces `train.export_dir` only when it is new, empty or this run's own
+    export; another run's export is replaced only with `overwrite_export` (`train --overwrite`)."""
     resuming = check_run_dir(cfg)
     run, shards = storage.location(cfg.train.run_dir), storage.location(cfg.data.shards_dir)
     if shards == run or run / "checkpoints" in (shards, *shards.parents):
@@ -45,14 +48,25 @@ def check_outputs(cfg: Config) -> bool:
             if out == other or other in out.parents or out in other.parents:
                 raise OutputError(f"train.export_dir={cfg.train.export_dir} overlaps {name}={other}; "
                                   "export to a folder of its own, e.g. exports/<name>")
-        storage.check_output(out, "export", reuse=True)
+        if storage.check_output(out, "export", reuse=True) and not overwrite_export:
+            origin = storage.marker_of(out).get("origin")
+            if origin != str(run):
+                raise OutputError(f"train.export_dir={cfg.train.export_dir} already holds an export of "
+                                  f"{origin or 'another run'}; pass --overwrite to replace it when training "
+                                  "ends, or set train.export_dir to a new folder")
         storage.check_writable(out, "train.export_dir")
         require_torch()  # the export is checked by loading it with transformers
     return resuming
 
 
-def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
-    resuming = check_outputs(cfg)
+def say_now(line: str) -> None:
+    """A progress line on stdout, flushed: a pipe or log file sees each phase as it starts."""
+    print(line, flush=True)
+
+
+def train(cfg: Config, *, overwrite_data: bool = False, overwrite_export: bool = False, say=say_now,
+          on_record=None) -> dict:
+    resuming = check_outputs(cfg, overwrite_export=overwrite_export)
     ensure_shards(cfg, overwrite=overwrite_data)
     train_rows, val_rows = open_splits(cfg)
     builder = StateBuilder(cfg, total_steps(cfg, train_rows.num_rows), eos_id=train_rows.eos_id)  # mesh errors: early
@@ -61,7 +75,7 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
             f"{cfg.model.n_embd} wide) for {builder.total_steps} steps of {cfg.train.batch_size}x"
             f"{cfg.data.seq_len} tokens on {jax.device_count()} {jax.devices()[0].platform} device(s), "
             f"mesh {dict(builder.mesh.shape)}")
-    result = Trainer(cfg, builder, say=say).fit(train_rows, val_rows)
+    result = Trainer(cfg, builder, say=say, on_record=on_record).fit(train_rows, val_rows)
     if result.get("preempted"):
         return result
     if cfg.train.export_dir and jax.process_index() == 0:
@@ -78,41 +92,66 @@ def train(cfg: Config, *, overwrite_data: bool = False, say=print) -> dict:
 
 
 def evaluate(run_dir=None, *, hf: str | None = None, step=None, data=None, text_column: str | None = None,
-             template: str | None = None, seq_len: int | None = None, batch_size: int = 8) -> dict:
-    """`flax-gpt eval`: {step, val_loss, perplexity, tokens, data} of a run's checkpoint (`step`: N,
-    latest or best) or of an HF folder / Hub id, over the run's validation split or over every
-    document of `data` (any source `data.source` accepts), packed exactly as `prepare` packs it."""
+             template: str | None = None, seq_len: int | None = None, batch_size: int = 8, say=None) -> dict:
+    """`flax-gpt eval`: {step, val_loss, perplexity, tokens, seq_len, data} of a run's checkpoint
+    (`step`: N, latest or best) or of an HF folder / Hub id, over the run's validation split, a
+    prepared shards folder's validation split, or every document of `data` (any source
+    `data.source` accepts) packed exactly as `prepare` packs it. `say` gets progress lines."""
+    progress, say = say is not None, say or (lambda _line: None)
     if (run_dir is None) == (hf is None):
         raise ConfigError("eval needs a run directory or --hf HF_DIR (one of them)")
     mesh = make_mesh(MeshConfig())
+    shards = data is not None and storage.folder_kind(data) == "shards"
+    if shards and (text_column or template):
+        raise ConfigError(f"--data {data} is a prepared shards folder; --text-column and --template apply to "
+                          "text sources only")
     if hf is not None:
+        if data is None:
+            raise ConfigError("--hf has no validation split of its own; pass --data SOURCE (files, a dataset "
+                              "folder, a Hub dataset or a run's shards folder) to evaluate it on")
         model = load_model(hf=hf, step=step)
         model_cfg, params, chosen, document_mask = model.cfg, model.params, None, False
         tokenizer = str(model.folder) if model.tokenizer.name != "gpt2" else "gpt2"
-        seq_len = seq_len or min(model_cfg.n_positions, 1024)
-        if data is None:
-            raise ConfigError("--hf has no validation split of its own; pass --data SOURCE (files, a dataset "
-                              "folder or a Hub dataset) to evaluate it on")
+        seq_len = seq_len or (None if shards else min(model_cfg.n_positions, 1024))
     else:
         cfg = read_run_config(run_dir)
         _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
         model_cfg, document_mask, tokenizer = cfg.model, cfg.data.document_mask, cfg.data.tokenizer
         batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-        seq_len = seq_len or cfg.data.seq_len
-    if seq_len > model_cfg.n_positions:
+        if data is None and seq_len not in (None, cfg.data.seq_len):
+            raise ConfigError(f"--seq-len {seq_len} does not apply to the run's own validation split (rows of "
+                              f"data.seq_len={cfg.data.seq_len}); pass --data to score other text at another length")
+        seq_len = seq_len or (None if shards else cfg.data.seq_len)
+    if seq_len is not None and seq_len > model_cfg.n_positions:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_cfg.n_positions}")
     with tempfile.TemporaryDirectory(prefix="flax_gpt-eval-") as tmp:
         if data is None:
             rows, described = open_splits(cfg)[1], f"validation split of {cfg.data.shards_dir}"
+        elif shards:
+            rows, described = _shards_rows(data, model_cfg.vocab_size, seq_len)
         else:
             fields = {"text_column": text_column} if text_column else {}
             data_cfg = DataConfig(source=data, template=template or "", tokenizer=tokenizer, seq_len=seq_len,
                                   val_fraction=0.0, shards_dir=str(Path(tmp) / "shards"), **fields)
+            say(f"tokenizing and packing {data} into rows of {seq_len} tokens")
             manifest = prepare_shards(data_cfg, log=None)
             rows, described = open_split(data_cfg.shards_dir, "train"), manifest["source"]["description"]
+        if rows.seq_len > model_cfg.n_positions:
+            raise ConfigError(f"{data} holds rows of {rows.seq_len} tokens, more than the model's context "
+                              f"n_positions={model_cfg.n_positions}")
         evaluator = Evaluator(model_cfg, mesh, batch_size=batch_size, document_mask=document_mask, packing="pack"
                               if data is not None else cfg.data.packing)
-        return {"step": chosen, **evaluator.evaluate(params, rows), "data": described}
+        result = evaluator.evaluate(params, rows, progress=progress)
+        return {"step": chosen, **result, "seq_len": rows.seq_len, "data": described}
+
+
+def _shards_rows(shards_dir, vocab_size: int, seq_len: int | None):
+    """A prepared shards folder's validation split (its training split when it has none), for eval."""
+    rows = open_split(shards_dir, "val", vocab_size=vocab_size, seq_len=seq_len)
+    if rows.num_rows:
+        return rows, f"validation split of {shards_dir}"
+    return open_split(shards_dir, "train", vocab_size=vocab_size, seq_len=seq_len), \
+        f"training split of {shards_dir} (it has no validation rows)"
 
 
 def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> tuple[Config, int]:

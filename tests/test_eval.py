@@ -38,7 +38,8 @@ def test_eval_of_the_run_names_its_data(trained_run):
     r = cli("eval", "run", "--step", "best", cwd=trained_run)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == {"step", "val_loss", "perplexity", "tokens", "data"} and out["step"] == 4
+    assert set(out) == {"step", "val_loss", "perplexity", "tokens", "seq_len", "data"} and out["step"] == 4
+    assert out["seq_len"] == 32  # the run's data.seq_len
     assert "validation split" in out["data"] and out["tokens"] > 0
 
 
@@ -71,3 +72,22 @@ def test_eval_misuse_is_one_line(trained_run, argv, needle):
     r = cli(*argv, cwd=trained_run)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_a_shards_folder_is_scored_as_prepared_and_names_its_length(trained_run):
+    """Before/after on the run's own rows: `--hf MODEL --data SHARDS` scores the shards' validation
+    split, the same rows `eval RUN` scores, at the length they were prepared with."""
+    r1 = cli("eval", "run", cwd=trained_run)
+    r2 = cli("eval", "--hf", "export", "--data", "shards", cwd=trained_run)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    run, hf = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (r1, r2))
+    assert run["seq_len"] == hf["seq_len"] == 32 and run["tokens"] == hf["tokens"]
+    assert abs(run["val_loss"] - hf["val_loss"]) < 1e-5 and "validation split of shards" in hf["data"]
+    assert "eval (" in r2.stderr  # the progress bar counts batches on stderr; stdout is one JSON object
+
+
+def test_exported_files_are_readable_like_any_other(trained_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (trained_run / "export").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name

@@ -162,6 +162,15 @@ REFUSED = [
     ("source-missing", ["prepare", TINY, *BASE, "data.source=nowhere/x.csv", "data.shards_dir=s2"], ["not found"]),
     ("export-dir-foreign", ["train", TINY, *BASE, "data.shards_dir=shards", "train.run_dir=r2",
                             "train.export_dir=notes"], ["not written by flax-gpt"]),
+    ("export-dir-holds-another-runs-export", ["train", TINY, *BASE, "data.shards_dir=shards", "train.run_dir=r2",
+                                             "train.export_dir=export"], ["already holds an export of", "run",
+                                                                          "--overwrite", "train.export_dir"]),
+    ("flag-not-known-after-overrides", ["train", TINY, "train.steps=3", "--bogus-flag"], ["unrecognized", "--bogus-flag"]),
+    ("eval-seq-len-on-own-split", ["eval", "run", "--seq-len", "16"], ["does not apply to the run's own"]),
+    ("eval-shards-with-template", ["eval", "run", "--data", "shards", "--template", "{abstract}"],
+     ["prepared shards folder"]),
+    ("eval-shards-of-another-length", ["eval", "run", "--data", "shards64", "--seq-len", "32"],
+     ["seq_len 64", "32"]),
     ("export-dir-is-run-dir", ["train", TINY, *BASE, "data.shards_dir=shards", "train.run_dir=r2",
                                "train.export_dir=r2"], ["overlaps train.run_dir"]),
     ("export-dir-inside-run-dir", ["train", TINY, *BASE, "data.shards_dir=shards", "train.run_dir=r2",
@@ -265,17 +274,45 @@ def test_read_only_folders_fail_fast_with_one_line(world, tmp_path, what):
         one_line(r, str(target.name), "not writable")
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])  # inside the imports of the libraries, ..., compiling
-def test_sigterm_during_start_up_is_one_line_and_writes_nothing(world, tmp_path, delay):
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has installed its SIGTERM handler (Linux: the SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def test_sigterm_while_loading_is_one_line_and_writes_nothing(world, tmp_path):
+    """SIGTERM once the CLI listens for it, while it loads jax and the libraries (seconds before any
+    state exists): one line, exit 143, no run directory."""
     (tmp_path / "shards").symlink_to(world / "shards")
     proc = train(tmp_path, "data.shards_dir=shards", "train.run_dir=run", "train.steps=50", wait=False)
-    time.sleep(delay)
+    deadline = time.time() + 120
+    while proc.poll() is None and not _catches_sigterm(proc.pid) and time.time() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     assert err.strip().splitlines() == ["terminated (SIGTERM); what was already written is complete; rerun the "
                                         "same command to continue"]
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_compiling_says_so_and_checkpoints_the_first_step(world, tmp_path):
+    """SIGTERM while the first step compiles (the run says when it starts compiling): it is
+    acknowledged at once on stderr, the step finishes, checkpoint 1 is written, exit 0."""
+    (tmp_path / "shards").symlink_to(world / "shards")
+    proc = train(tmp_path, "data.shards_dir=shards", "train.run_dir=run", "train.steps=50", wait=False)
+    seen = []
+    for line in proc.stdout:  # the loop's phase lines (tqdm.write), each flushed as it is said
+        seen.append(line)
+        if line.startswith("compiling the train step"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (seen, out, err)
+    assert "SIGTERM: finishing the current step, then writing a checkpoint" in err
+    assert "preempted: checkpoint 1 written" in err + out
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
 def test_interrupted_export_leaves_no_temp_folder_after_the_next_export(world, tmp_path):

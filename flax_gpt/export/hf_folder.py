@@ -33,9 +33,10 @@ from flax_gpt.train.state import load_params
 
 def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2",
               dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
-              check=None) -> Path:
+              check=None, origin: str = "") -> Path:
     """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished local folder before
-    it is put in place (moved, or for a bucket uploaded)."""
+    it is put in place (moved, or for a bucket uploaded). `origin`: the run it was exported from,
+    recorded in the folder's marker."""
     out = out_dir
     storage.check_output(out, "export", overwrite=overwrite)
     storage.check_writable(out, "export folder")
@@ -57,7 +58,8 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2
         tok.save_hf(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        storage.mark(tmp, "export")
+        storage.make_readable(tmp)
+        storage.mark(tmp, "export", **({"origin": origin} if origin else {}))
         if check is not None:
             check(tmp)
         storage.publish_folder(tmp, out)
@@ -127,5 +129,5 @@ def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bo
     extra = {"README.md": model_card(run_dir, cfg, chosen, meta),
              "training_config.json": json.dumps(cfg.to_dict(), indent=2)}
     path = export_hf(host, cfg.model, out, tokenizer=cfg.data.tokenizer, dtype=dtype, overwrite=overwrite,
-                     extra_files=extra, check=check)
+                     extra_files=extra, check=check, origin=str(storage.location(run_dir)))
     return path, diffs[0]

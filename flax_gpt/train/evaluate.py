@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import jax
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from flax_gpt.config import ModelConfig
 from flax_gpt.data.loader import EvalLoader
@@ -37,18 +39,26 @@ class Evaluator:
                                         out_shardings=replicated(self.mesh))
         return self._fns[eos_id]
 
-    def evaluate(self, params, rows) -> dict:
-        """{"val_loss", "perplexity", "tokens"}; a DataError when `rows` hold no target token."""
+    def evaluate(self, params, rows, *, progress: bool = False) -> dict:
+        """{"val_loss", "perplexity", "tokens"}; a DataError when `rows` hold no target token.
+        `progress`: a bar over the batches on stderr (the `eval` verb; the training loop has its own)."""
+        if rows.num_rows == 0:  # said before any progress bar opens
+            raise self._no_tokens(rows)
         loader = EvalLoader(rows, batch=self.batch_size, document_mask=self.document_mask,
                             packing=self.packing, sharding=self.batch_sh)
         loss_sum, tokens = 0.0, 0.0
         step = self.eval_fn(rows.eos_id)
-        for batch in loader:
+        for batch in tqdm(loader, total=len(loader), desc=f"eval ({rows.num_rows:,} rows of {rows.seq_len})",
+                          unit="batch", disable=not progress, file=sys.stderr):
             out = jax.device_get(step(params, batch))
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
         if tokens == 0:
-            raise DataError(f"split {rows.split!r} in {rows.shards_dir} has no tokens to evaluate; "
-                            "raise data.val_fraction or evaluate on more text")
+            raise self._no_tokens(rows)
         val_loss = loss_sum / tokens
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0)), "tokens": int(tokens)}
+
+    @staticmethod
+    def _no_tokens(rows) -> DataError:
+        return DataError(f"split {rows.split!r} in {rows.shards_dir} has no tokens to evaluate; "
+                         "raise data.val_fraction or evaluate on more text")

@@ -5,6 +5,7 @@ evaluation is the `Evaluator`; the math is in `step.py`. This file only decides 
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
@@ -18,6 +19,7 @@ from flax_gpt.config import Config, profile_range
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.errors import TrainError
 from flax_gpt.model import flops
+from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput
@@ -28,10 +30,11 @@ PROFILE_DIR = "profile"
 
 
 class Trainer:
-    """Trains `builder`'s state for `builder.total_steps` steps in `cfg.train.run_dir`."""
+    """Trains `builder`'s state for `builder.total_steps` steps in `cfg.train.run_dir`;
+    `on_record` gets each metrics record as it is written (train and eval lines)."""
 
-    def __init__(self, cfg: Config, builder: StateBuilder, *, say=print):
-        self.cfg, self.builder, self.say = cfg, builder, say
+    def __init__(self, cfg: Config, builder: StateBuilder, *, say=print, on_record=None):
+        self.cfg, self.builder, self.say, self.on_record = cfg, builder, say, on_record
         self.run_dir = cfg.train.run_dir
         self.evaluator = Evaluator(cfg.model, builder.mesh, document_mask=cfg.data.document_mask,
                                    batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
@@ -48,7 +51,8 @@ class Trainer:
             ckpt.close()
             self.say(f"already trained to step {start} (train.steps={total_steps}); raise train.steps to go further")
             return {"step": start, "already_trained": True}
-        writer = MetricsWriter(self.run_dir, enabled=is_main, purge_step=start or None)
+        writer = MetricsWriter(self.run_dir, enabled=is_main, purge_step=start or None, on_record=self.on_record,
+                               config=cfg)
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         thr = Throughput(tokens_per_step=tokens_per_step, n_devices=jax.device_count(),
                          flops_per_token=flops.flops_per_token(cfg.model, cfg.data.seq_len),
@@ -125,7 +129,13 @@ class Trainer:
                         flush()
                         jax.profiler.start_trace(str(profile_dir))
                         tracing = True
-                    state, metrics = self.builder.step_fn(state, batch)
+                    if s == start:  # the first call compiles the step: minutes for a large model
+                        bar.write("compiling the train step; training starts when it is done")
+                        t_compile = time.perf_counter()
+                        state, metrics = wait_interruptibly(self.builder.step_fn, state, batch)
+                        bar.write(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s")
+                    else:
+                        state, metrics = self.builder.step_fn(state, batch)
                     flush()
                     pending = (s, metrics)
                     done = s + 1
@@ -191,6 +201,8 @@ class _PreemptionFlag:
 
     def _handler(self, signum, frame):
         self._flag = True
+        # Said at once: the step in flight (the first one compiles) can take minutes to finish.
+        os.write(2, f"{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint\n".encode())
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:

@@ -1,0 +1,124 @@
+"""The process around a verb: what the libraries may print, how signals stop it, and the one
+line a user's error becomes. The CLI's `main` is the only caller of all but `wait_interruptibly`.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import importlib.util
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from absl import logging as absl_logging
+
+from flax_gpt.errors import UserError
+
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "the filesystem is read-only; choose another path",
+    errno.ENOSPC: "free disk space or choose another path",
+    errno.EDQUOT: "free disk space (quota) or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EISDIR: "it is a folder where a file was expected; fix the path",
+    errno.EEXIST: "it already exists; remove it or choose another path",
+    errno.ENOENT: "it does not exist; fix the path",
+}
+
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Everything the libraries would print besides our lines (all of it shown with --debug)."""
+    _quiet_absl(debug)
+    _quiet_libtpu_without_tpu(debug)
+    _quiet_closed_loops(debug)
+
+
+def _quiet_absl(debug: bool) -> None:
+    """Orbax and JAX log routine notices through absl at WARNING, and failures they also raise
+    (a full disk, say) as tracebacks at ERROR; users see only our one line (all of it with --debug)."""
+    level = absl_logging.ERROR if debug else absl_logging.FATAL
+    absl_logging.set_verbosity(level)
+    logging.getLogger("absl").setLevel(logging.ERROR if debug else logging.CRITICAL)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _quiet_libtpu_without_tpu(debug: bool) -> None:
+    """libtpu installed (the [tpu] extra, e.g. for `flax-gpt compile`) on a machine without a TPU:
+    jax loads it at start-up all the same, and it prints ~6 lines of errors because it cannot tell
+    the accelerator type and worker hostnames. Naming both silences it and changes nothing else
+    (jax finds no TPU either way; `compile` names the same two). A machine with TPU chips or
+    devices is left alone; --debug shows the lines."""
+    if debug or ("TPU_LIBRARY_PATH" not in os.environ and importlib.util.find_spec("libtpu") is None):
+        return
+    from jax._src import hardware_utils  # deferred: imports jax; counts TPU chips without loading libtpu
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] or glob.glob("/dev/accel*") \
+            or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, UserError):
+        where = e.filename if e.filename is not None else ""
+        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        hint = _OS_HINTS.get(e.errno, "check the path")
+        return f"{where}: {what}; {hint}" if where else f"{what}; {hint}"
+    text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+    return text
+
+
+STOPPED = "what was already written is complete; rerun the same command to continue"
+
+
+def _quiet_closed_loops(debug: bool) -> None:
+    """When a disk fills up during a checkpoint write, TensorStore still completes the other pending
+    writes and reports each to Orbax's event loop, which has closed; each report is printed as a
+    traceback. They repeat our one line's failure, so they are dropped (shown with --debug)."""
+    def echo(e: BaseException | None) -> bool:
+        return not debug and type(e) is RuntimeError and str(e) == "Event loop is closed"
+
+    default = sys.unraisablehook  # how TensorStore's callback threads report them
+    sys.unraisablehook = lambda u: None if echo(u.exc_value) else default(u)
+
+
+def terminate(signum, frame):
+    """SIGTERM outside the training loop (which checkpoints instead) stops at once, wherever it lands.
+    Every verb's writes are atomic or resumable, as after kill -9; an exception raised here instead
+    could land inside a library's import or an `except` that swallows it."""
+    os.write(2, f"terminated (SIGTERM); {STOPPED}\n".encode())
+    os._exit(143)
+
+
+def interrupted(e: BaseException) -> bool:
+    """Whether Ctrl-C is behind an exception: one that lands while an extension module initializes
+    reaches us as that import's ImportError, caused by it."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def wait_interruptibly(fn, *args, **kwargs):
+    """fn(*args, **kwargs), run in a worker thread while the main thread waits for it.
+
+    An XLA compile holds the main thread inside C++ for minutes, and Python signal handlers run
+    only between bytecodes of the main thread: SIGTERM or Ctrl-C would wait for the compile to
+    end. A main thread waiting on a thread runs them at once. Ctrl-C's KeyboardInterrupt reaches
+    the caller; the worker is left to finish in the background (the process is about to exit)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flax_gpt-compile")
+    try:
+        return pool.submit(fn, *args, **kwargs).result()
+    finally:
+        pool.shutdown(wait=False)
