@@ -62,9 +62,9 @@ def split_rows(shards_dir, split):
     return rows, rows.rows(np.arange(rows.num_rows))
 
 
-def check_round_trip(cfg, manifest, docs, tok, hf, unit_key="synthetic"):
+def check_round_trip(cfg, manifest, docs, tok, hf):
     """decode(rows of each split, in order) == split docs joined by EOS, minus the dropped tail."""
-    is_val = split_documents(unit_key, len(docs), cfg.val_fraction, cfg.split_seed)
+    is_val = split_documents(docs, cfg.val_fraction, cfg.split_seed)
     for name, members in (("train", ~is_val), ("val", is_val)):
         split_docs = [d for d, m in zip(docs, members) if m]
         rows, arr = split_rows(cfg.shards_dir, name)
@@ -119,7 +119,7 @@ def test_arxiv_sample_round_trip_with_template(tmp_path, tok, hf):
     manifest = prepare_shards(cfg, log=quiet)
     with open(SAMPLE, newline="", encoding="utf-8") as f:
         docs = [norm(r["title"]) + "\n" + norm(r["abstract"]) for r in csv.DictReader(f)]
-    check_round_trip(cfg, manifest, docs, tok, hf, unit_key=SAMPLE.stem)
+    check_round_trip(cfg, manifest, docs, tok, hf)
     p = manifest["stats"]["pad_truncate_300"]
     counts = np.array([hf_count(hf, d) for d in docs])
     assert p["truncated_documents_fraction"] == pytest.approx((counts > 300).mean(), abs=1e-6)
@@ -142,20 +142,23 @@ def test_splits_are_disjoint_and_cover_the_corpus(tmp_path, tok):
     assert train | val <= set(docs)
     assert 15 <= manifest["splits"]["val"]["documents"] <= 45  # about 25% of 120 (binomial, 3 sigma)
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 120
-    # Another seed gives another split of the same documents; the split is a pure function of
-    # (seed, unit, index), so a window of documents gets the same answer alone or in its stream.
-    other = split_documents("synthetic", 120, 0.25, 2)
-    assert not np.array_equal(other, split_documents("synthetic", 120, 0.25, 1))
-    whole = split_documents("u", 10_000, 0.25, 1)
-    assert np.array_equal(whole[300:400], split_documents("u", 100, 0.25, 1, start=300))
-    assert abs(whole.mean() - 0.25) < 0.02
+    # Another seed gives another split of the same documents; a document's side is a function of
+    # (seed, its normalised text) alone: the same in any order, any neighbours, any spacing.
+    many = [f"document {i} about topic {i % 17}" for i in range(10_000)]
+    whole = split_documents(many, 0.25, 1)
+    assert not np.array_equal(whole, split_documents(many, 0.25, 2))
+    assert np.array_equal(whole[300:400], split_documents(many[300:400], 0.25, 1))
+    assert np.array_equal(whole[::-1], split_documents(many[::-1], 0.25, 1))
+    spaced = ["  " + t.replace(" ", " \n\t ") + " " for t in many[:500]]
+    assert np.array_equal(whole[:500], split_documents(spaced, 0.25, 1))
+    assert abs(whole.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / len(many))  # binomial, 4 sigma
 
 
 def test_pad_mode_rows(tmp_path, tok, hf):
     cfg = synthetic_cfg(tmp_path, packing="pad", seq_len=160, synthetic_docs=40)
     manifest = prepare_shards(cfg, log=quiet)
     docs = [norm(t) for t in generate_table(40)["abstract"]]
-    is_val = split_documents("synthetic", 40, cfg.val_fraction, cfg.split_seed)
+    is_val = split_documents(docs, cfg.val_fraction, cfg.split_seed)
     _, arr = split_rows(cfg.shards_dir, "train")
     train_docs = [d for d, v in zip(docs, is_val) if not v]
     assert arr.shape == (len(train_docs), 160)
@@ -215,7 +218,7 @@ def test_changed_source_file_is_detected(tmp_path):
 def test_manifest_schema(tmp_path):
     cfg = synthetic_cfg(tmp_path, synthetic_docs=50)
     m = prepare_shards(cfg, log=quiet)
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3 and m["settings"]["split_rule"].startswith("validation when")
     assert set(m["tokenizer"]) == {"name", "vocab_size", "eos_id", "fingerprint"}
     assert (m["tokenizer"]["vocab_size"], m["dtype"], m["seq_len"], m["packing"]) == (50257, "uint16", 64, "pack")
     assert {"description", "fingerprint", "synthetic"} <= set(m["source"])

@@ -87,7 +87,7 @@ def test_manifest_problems(shards, tmp_path):
     d, _ = shards
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
-    with pytest.raises(DataError, match="format_version 99.*reads versions \\(1, 2\\)"):
+    with pytest.raises(DataError, match="format_version 99.*reads versions \\(3,\\)"):
         open_split(d, "train")
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="unreadable"):

@@ -5,9 +5,10 @@ Memory is bounded by settings, not by the corpus: documents are read in batches 
 thread pool runs in parallel while the main thread parses the next batch), and rows are written to
 shards as each fills (`data.rows_per_shard`). Corpus statistics are exact streaming counts.
 
-Work is done per unit (one per input file; see `sources.py`): each unit's documents, in order, go
-to the train or val split by a hash of (split_seed, unit key, document index) — deterministic
-without holding the corpus — and each split of each unit is packed on its own: every document
+Work is done per unit (one per input file; see `sources.py`): each document goes to the train or
+val split by a hash of (split_seed, its normalised text) — so renaming, reformatting, re-ordering
+or re-chunking a corpus keeps every document on its side, and exact duplicates are never split
+between train and val — and each split of each unit is packed on its own: every document
 followed by one EOS, concatenated, cut into rows of exactly seq_len tokens, the unit's final partial
 row dropped (`dropped_tokens`, < seq_len per unit and split). `pad` packing (the usual Keras recipe,
 for comparison): one document a row, cut to seq_len, padded with EOS.
@@ -25,6 +26,7 @@ import hashlib
 import json
 import queue
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,6 +42,9 @@ from flax_gpt.errors import DataError
 SPLITS = ("train", "val")
 ENCODE_CHUNK = 256  # documents per tokenizer job
 PART = ".part-{:05d}.json"
+# How a document's side is decided, recorded in every manifest (its settings).
+SPLIT_RULE = ("validation when (the top 53 bits of blake2b-64(f'{split_seed}\\0' + text)) / 2**53 < val_fraction, "
+              "text = the document's text in Unicode NFC with runs of whitespace as one space, stripped")
 
 
 def prepare_settings(cfg, tokenizer, source_fp: str) -> dict:
@@ -55,6 +60,7 @@ def prepare_settings(cfg, tokenizer, source_fp: str) -> dict:
         "packing": cfg.packing,
         "val_fraction": cfg.val_fraction,
         "split_seed": cfg.split_seed,
+        "split_rule": SPLIT_RULE,
         "rows_per_shard": cfg.rows_per_shard,
     }
 
@@ -63,16 +69,18 @@ def fingerprint_of(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def split_documents(unit_key: str, num_docs: int, val_fraction: float, seed: int, start: int = 0) -> np.ndarray:
-    """Boolean mask, True = validation, for documents start..start+num_docs-1 of a unit: a 64-bit
-    hash (splitmix64) of (seed, unit key, document index) below val_fraction."""
-    base = int.from_bytes(hashlib.sha256(f"{seed}\0{unit_key}".encode()).digest()[:8], "little")
-    with np.errstate(over="ignore"):
-        z = np.arange(start, start + num_docs, dtype=np.uint64) + np.uint64(base)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+def split_documents(texts: list[str], val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask, True = validation (`SPLIT_RULE`): a function of each document's own text, not
+    of where it stands, so a document keeps its side whatever file, format or order holds it."""
+    salt = f"{seed}\0".encode()
+    draws = np.fromiter((int.from_bytes(hashlib.blake2b(salt + _normalised(t).encode(), digest_size=8).digest(),
+                                        "little") >> 11 for t in texts), dtype=np.uint64, count=len(texts))
+    return draws.astype(np.float64) / float(1 << 53) < val_fraction
+
+
+def _normalised(text: str) -> str:
+    """The form two copies of one document share: NFC, whitespace runs as one space, no ends."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 class SplitWriter:
@@ -136,18 +144,15 @@ def prepare_unit(unit: Unit, index: int, cfg, tokenizer, out, pool: ThreadPoolEx
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {name: SplitWriter(out, name, index, cfg, dtype, tokenizer.eos_id, before_write) for name in SPLITS}
     counter, words, tokens_len = DocumentCounter(), {}, {}
-    done = 0
     pending: queue.SimpleQueue = queue.SimpleQueue()
     in_flight = 0
 
     def drain(limit: int) -> None:
-        nonlocal done, in_flight
+        nonlocal in_flight
         while in_flight > limit:
-            future, n_words = pending.get()
+            future, n_words, is_val = pending.get()
             in_flight -= 1
             toks, lengths = future.result()  # lengths include the EOS
-            is_val = split_documents(unit.key, lengths.size, cfg.val_fraction, cfg.split_seed, start=done)
-            done += lengths.size
             count_lengths(tokens_len, lengths - 1)
             count_lengths(words, n_words)
             token_is_val = np.repeat(is_val, lengths)
@@ -159,7 +164,8 @@ def prepare_unit(unit: Unit, index: int, cfg, tokenizer, out, pool: ThreadPoolEx
         texts = counter.texts(table, cfg)
         for i in range(0, len(texts), ENCODE_CHUNK):
             chunk = texts[i:i + ENCODE_CHUNK]
-            pending.put((pool.submit(tokenizer.encode_concat, chunk, 1), word_counts(chunk)))
+            pending.put((pool.submit(tokenizer.encode_concat, chunk, 1), word_counts(chunk),
+                         split_documents(chunk, cfg.val_fraction, cfg.split_seed)))
             in_flight += 1
             drain(4 * threads)  # bounded: memory stays a few batches, whatever the corpus
     drain(0)
@@ -184,12 +190,6 @@ def _settings_diff(old: dict, new: dict) -> str:
         else:
             out.append(f"data.{key} {a!r} -> {b!r}")
     return ", ".join(out) if out else "format"
-
-
-def _same_inputs(old: dict, settings: dict) -> bool:
-    """The same inputs, also for shards an earlier flax_gpt wrote in an older format (still read)."""
-    old_settings = dict(old.get("settings", {}))
-    return {**old_settings, "format_version": 0} == {**settings, "format_version": 0}
 
 
 def _read_part(out, index: int, fingerprint: str) -> dict | None:
@@ -230,7 +230,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
             if not overwrite:
                 raise
         if old is not None and not overwrite:
-            if old.get("fingerprint") != fingerprint and not _same_inputs(old, settings):
+            if old.get("fingerprint") != fingerprint:
                 raise DataError(
                     f"{out} already holds shards prepared from different inputs (differs in: "
                     f"{_settings_diff(old.get('settings', {}), settings)}); pass --overwrite to replace "

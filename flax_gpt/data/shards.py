@@ -25,8 +25,10 @@ import numpy as np
 from flax_gpt import storage
 from flax_gpt.errors import DataError
 
-FORMAT_VERSION = 2  # 2: shards named per input unit, hash split; 1 (one stream per split) is still read
-READABLE_VERSIONS = (1, 2)
+# 3: each document's side decided by its text (prepare.SPLIT_RULE). Shards of 1 (one stream per
+# split) and 2 (side by file and position) are refused: their split moves when a file is renamed.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (3,)
 MANIFEST_NAME = "manifest.json"
 REPREPARE = "re-run `flax-gpt prepare` with --overwrite"
 
@@ -71,8 +73,9 @@ def read_manifest(shards_dir) -> dict:
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise DataError(f"{path} is not a flax_gpt shard manifest; {REPREPARE}")
     if manifest["format_version"] not in READABLE_VERSIONS:
-        raise DataError(f"{path} has format_version {manifest['format_version']} but this flax_gpt "
-                        f"reads versions {READABLE_VERSIONS}; {REPREPARE}")
+        raise DataError(f"{path} has format_version {manifest['format_version']} but this flax_gpt reads "
+                        f"versions {READABLE_VERSIONS} (since 3 a document's train/val side follows its text, "
+                        f"not its file and position); {REPREPARE}")
     return manifest
 
 
