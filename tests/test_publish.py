@@ -248,10 +248,13 @@ def test_model_card_synthetic_run(tmp_path):
 def test_model_card_hub_dataset_and_manifest(tmp_path):
     run, cfg = _run_dir(tmp_path, source="CShorten/ML-ArXiv-Papers")
     (tmp_path / "shards").mkdir()
-    manifest = {"format_version": 1, "source": {"description": "Hugging Face dataset CShorten/ML-ArXiv-Papers, split train",
+    manifest = {"format_version": 3, "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eos_id": 50256,
+                                                   "fingerprint": "f"},
+                "seq_len": 256, "dtype": "uint16", "packing": "pack", "fingerprint": "f",
+                "source": {"description": "Hugging Face dataset CShorten/ML-ArXiv-Papers, split train",
                            "synthetic": False}, "stats": {"documents": 117592, "tokens": {"mean": 250.0}},
-                "splits": {"train": {"tokens": 28_000_000, "documents": 111_700},
-                           "val": {"tokens": 1_400_000, "documents": 5_892}}}
+                "splits": {"train": {"tokens": 28_000_000, "documents": 111_700, "rows": 0, "shards": []},
+                           "val": {"tokens": 1_400_000, "documents": 5_892, "rows": 0, "shards": []}}}
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
     card = model_card(run, cfg, 300, {})
     fm = _front_matter(card)
