@@ -246,7 +246,9 @@ def test_out_of_vocabulary_ids_name_the_shard(world, tmp_path):
 
 
 def test_too_small_for_a_validation_split_says_so_and_never_scores_it(tmp_path):
-    small = ["data.synthetic_docs=20", "data.seq_len=512", "model.n_positions=512", "data.shards_dir=s",
+    # 20 documents, 5% held out by their text's hash: 2 documents, about 400 tokens, under one row of 512.
+    small = ["data.synthetic_docs=20", "data.val_fraction=0.05", "data.seq_len=512", "model.n_positions=512",
+             "data.shards_dir=s",
              "train.run_dir=run", "train.steps=2", "train.eval_every=1", "checkpoint.every=1"]
     r = train(tmp_path, *small)
     assert r.returncode == 0, r.stderr
