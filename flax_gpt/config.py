@@ -52,9 +52,11 @@ class ModelConfig:
     resid_pdrop: float = setting(0.1, "dropout on each block's residual branch", card="dropout: residual")
     dtype: str = setting("float32", "compute dtype; parameters, optimizer state, softmax and loss stay float32",
                          effect=RUN, choices=("float32", "bfloat16"), card="compute dtype")
-    remat: bool = setting(False, "recompute each block in the backward pass (less memory, more FLOPs)", effect=RUN)
-    attention: str = setting("xla", "attention kernel: xla, or cudnn on NVIDIA GPUs", effect=RUN,
-                             choices=("xla", "cudnn"))
+    remat: str = setting("none", "what the backward pass recomputes (less memory, more FLOPs; README); older "
+                         "configs' true/false: full/none", effect=RUN, choices=("none", "minimal", "full"))
+    attention: str = setting("auto", "attention kernel: auto (splash on TPU, cudnn on NVIDIA GPUs when dtype and "
+                             "head size allow, else xla), xla, cudnn or splash (README)", effect=RUN,
+                             choices=("auto", "xla", "cudnn", "splash"))
     pad_vocab_to: int = setting(0, "pad the embedding's vocab rows to a multiple of this (0 = off); never exported")
     init_from: str = setting("", "start from: Hub id, HF folder or run directory; empty = GPT-2's own init",
                              effect=RUN, card="initialised from")
@@ -298,7 +300,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
-            return str(value)
+            return ("full" if value else "none") if isinstance(value, bool) and key == "model.remat" else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} expects {typ.__name__} (got {value!r})") from None
     return value

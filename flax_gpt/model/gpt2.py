@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt.config import ModelConfig
+from flax_gpt.errors import ConfigError
+from flax_gpt.model.attention import attend, causal_mask
 from flax_gpt.sharding import constrain
 
 Cache = tuple  # one {"k": (B,H,K,S), "v": (B,H,S,K)} dict per layer
@@ -110,7 +112,7 @@ class Attention(nn.Module):
     transposed_kernels: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None):
+    def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None, segment_ids=None):
         cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
         B, T, D = x.shape
         H = cfg.n_head
@@ -139,16 +141,20 @@ class Attention(nn.Module):
             new_cache = {"k": jax.lax.dynamic_update_slice(layer_cache["k"], k_new, (0, 0, 0, cache_index)),
                          "v": jax.lax.dynamic_update_slice(layer_cache["v"], v_new, (0, 0, cache_index, 0))}
         elif cfg.attn_pdrop > 0 and not deterministic:
-            # jax.nn.dot_product_attention has no dropout on the probabilities, so training with
-            # GPT-2's attention dropout takes the explicit path (softmax in float32).
+            # No attention kernel has dropout on the probabilities, so training with GPT-2's
+            # attention dropout takes the explicit path (softmax in float32); `auto` comes here too.
+            if cfg.attention in ("cudnn", "splash"):
+                raise ConfigError(f"model.attention={cfg.attention} has no attention dropout; set "
+                                  "model.attn_pdrop=0 (or model.attention=auto to train with it on the XLA path)")
             scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(K)
             scores = jnp.where(mask, scores, _NEG)
             probs = jax.nn.softmax(scores, axis=-1)
             probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=False).astype(dtype)
             out = jnp.einsum("bhts,bshk->bthk", probs, v.astype(dtype))
-        else:
-            impl = "cudnn" if cfg.attention == "cudnn" else "xla"
-            out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask, implementation=impl)
+        else:  # training and evaluation: the kernel model.attention names (model/attention.py). Init
+            # runs this once for parameter shapes only, at any length and device: the XLA path.
+            kernel = "xla" if self.is_initializing() else cfg.attention
+            out = attend(q, k.astype(dtype), v.astype(dtype), segment_ids=segment_ids, kernel=kernel)
         out = out.reshape(B, T, D)
         out = Conv1D(D, (HEADS_OUT, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), transposed=tk,
                      name="c_proj")(out)
@@ -175,10 +181,11 @@ class Block(nn.Module):
     transposed_kernels: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None):
+    def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None, segment_ids=None):
         cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
         a, new_cache = Attention(cfg, tk, name="attn")(
-            LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_1")(x), mask, deterministic, layer_cache, cache_index
+            LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_1")(x), mask, deterministic, layer_cache, cache_index,
+            segment_ids,
         )
         x = x + a
         x = x + MLPBlock(cfg, tk, name="mlp")(LayerNorm(cfg.layer_norm_epsilon, dtype, name="ln_2")(x), deterministic)
@@ -198,10 +205,7 @@ def attention_mask(
     other). Decoding: query i sits at cache slot cache_index + i and sees valid slots up to it.
     """
     if cache_index is None:
-        mask = jnp.tril(jnp.ones((T, T), bool))[None, None]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        return mask
+        return causal_mask(T, segment_ids)
     q_pos = cache_index + jnp.arange(T)[:, None]
     mask = (jnp.arange(S)[None, :] <= q_pos)[None, None]
     if kv_valid is not None:
@@ -231,7 +235,11 @@ class GPT2(nn.Module):
             cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (POS, EMBED)),
         )
-        block = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+        # model.remat: what the backward pass keeps of each block, the rest it recomputes. minimal
+        # (MaxText's name): the outputs of the weight matmuls (QKV, projections, MLP), so attention,
+        # LayerNorm and GELU are redone; full: only the block's input, so the whole block is redone.
+        policies = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
+        block = Block if cfg.remat == "none" else nn.remat(Block, policy=policies[cfg.remat], static_argnums=(3,))
         self.h = [block(cfg, self.transposed_kernels, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, dtype)
         self.drop = nn.Dropout(cfg.embd_pdrop)
@@ -249,7 +257,7 @@ class GPT2(nn.Module):
         mask = attention_mask(T, segment_ids, kv_valid, cache_index, S)
         new_cache = []
         for i, block in enumerate(self.h):
-            x, c = block(x, mask, deterministic, None if cache is None else cache[i], cache_index)
+            x, c = block(x, mask, deterministic, None if cache is None else cache[i], cache_index, segment_ids)
             x = constrain(x, "residual")
             new_cache.append(c)
         return self.ln_f(x), (tuple(new_cache) if cache is not None else None)
