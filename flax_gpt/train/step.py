@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from flax_gpt.model.gpt2 import GPT2
+from flax_gpt.model.loss import cross_entropy_sums
 
 
 @flax.struct.dataclass
@@ -34,21 +35,33 @@ def document_positions(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.A
     return idx - (before + 1), segment_ids
 
 
-def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, eos_id: int, dropout_rng=None):
+def _hidden_and_head(module: GPT2, tokens, positions, segment_ids, deterministic: bool):
+    """Final hidden states (B,T,D) in the compute dtype and the tied head (V_padded,D), float32."""
+    h, _ = module.hidden(tokens, positions, segment_ids, deterministic=deterministic)
+    return h, module.wte.embedding
+
+
+def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, eos_id: int, dropout_rng=None,
+              full_logits: bool = False):
     """(sum of next-token NLL over target positions, number of target positions), both float32.
 
     Sums rather than means so micro-batches and eval batches combine exactly by token count.
+    The loss is taken chunk by chunk from the final hidden states (`flax_gpt.model.loss`): the float32
+    (B,T,V) logits are never formed. `full_logits=True` is the plain reference, the model's logits
+    and optax's cross-entropy, which the chunked loss is tested against.
     """
     deterministic = dropout_rng is None
     positions, segment_ids = document_positions(batch["inputs"], eos_id) if document_mask else (None, None)
-    logits = model.apply(
-        {"params": params}, batch["inputs"], positions, segment_ids,
-        deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": dropout_rng},
-    )  # (B,T,V) float32: the softmax and loss are always computed in float32
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    if full_logits:
+        logits = model.apply({"params": params}, batch["inputs"], positions, segment_ids,
+                             deterministic=deterministic, rngs=rngs)  # (B,T,V) float32
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(mask)
+    h, head = model.apply({"params": params}, batch["inputs"], positions, segment_ids, deterministic,
+                          rngs=rngs, method=_hidden_and_head)
+    return cross_entropy_sums(h, head, batch["targets"], batch["loss_mask"], vocab_size=model.cfg.vocab_size)
 
 
 def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.GradientTransformation,
