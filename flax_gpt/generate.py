@@ -332,5 +332,5 @@ def load_model(*, run_dir: str | Path | None = None, hf: str | None = None, step
         cfg, params = load_hf(str(folder), abstract_params, dtype=dtype)
         return LoadedModel(jax.device_put(params), cfg, folder_tokenizer(folder, cfg.vocab_size), folder=folder)
     run_cfg, params, chosen, _ = load_params(run_dir, step)
-    cfg = dataclasses.replace(run_cfg.model, remat=False)
+    cfg = dataclasses.replace(run_cfg.model, remat="none")
     return LoadedModel(params, cfg, load_tokenizer(run_cfg.data.tokenizer), run_dir=run_dir, step=chosen)

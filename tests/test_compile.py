@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from flax_gpt.bench.tpu_compile import ACCELERATORS, GiB, resolve, search_max_batch
+from flax_gpt.bench.max_batch import search_max_batch
+from flax_gpt.bench.tpu_compile import ACCELERATORS, GiB, resolve
 from flax_gpt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ LIBTPU = os.environ.get("FLAX_GPT_TEST_LIBTPU", "")
 needs_libtpu = pytest.mark.skipif(not os.path.isfile(LIBTPU), reason="FLAX_GPT_TEST_LIBTPU (a libtpu.so) not set")
 CONTRACT = {"topology", "chips", "hosts", "device_kind", "mesh", "batch_size", "seq_len", "hbm_per_device_bytes",
             "hbm_capacity_bytes", "fits", "flops_per_device_step_xla", "flops_per_device_step_formula",
-            "est_step_time_s", "est_tokens_per_sec", "est_mfu", "compile_time_s"}
+            "flops_per_device_step_used", "flops_used", "bytes_accessed_per_device_step_used",
+            "bytes_accessed_source", "est_step_time_s", "est_tokens_per_sec", "est_mfu", "compile_time_s"}
 
 
 def cli(*args, cwd: Path = ROOT, libtpu: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -92,6 +94,14 @@ def test_tiny_compiles_for_a_slice_and_reports_the_contract(tmp_path, topology, 
     assert 0.95 < ratio < 1.4, ratio
     assert res["est_tokens_per_sec"] == pytest.approx(8 * 64 / res["est_step_time_s"])
     assert 0 < res["est_mfu"] < 1
+    # the estimate is the roofline of the figures it says it used, never fewer FLOPs than the model's
+    used = res["flops_per_device_step_used"]
+    assert used == max(res["flops_per_device_step_xla"], res["flops_per_device_step_formula"])
+    assert res["flops_used"] == ("xla" if used == res["flops_per_device_step_xla"] else "formula")
+    assert res["bytes_accessed_per_device_step_used"] >= res["bytes_accessed_per_device_step_xla"]
+    assert res["est_step_time_s"] == pytest.approx(max(used / res["peak_flops_per_device"],
+                                                       res["bytes_accessed_per_device_step_used"]
+                                                       / res["hbm_bandwidth_bytes_per_s"]))
 
 
 @needs_libtpu
@@ -106,8 +116,9 @@ def test_sharding_mistakes_are_one_line(overrides, needles):
 
 @needs_libtpu
 def test_a_config_that_does_not_fit_prints_its_json_and_says_by_how_much():
-    # 4 x 4096-wide layers: 805M parameters in fp32 + AdamW = 9.7 GB per device before activations
-    r = cli("compile", "configs/tiny.yaml", "model.n_layer=4", "model.n_embd=4096", "model.n_head=32",
+    # 6 x 4096-wide layers + the 50257 x 4096 embedding: 1.4B parameters in fp32 + AdamW = 15.8 GiB per
+    # device before activations, over v5e's 15.75 whatever the loss and attention kernels save
+    r = cli("compile", "configs/tiny.yaml", "model.n_layer=6", "model.n_embd=4096", "model.n_head=32",
             "train.batch_size=64", "--topology", "v5e-4")
     line = one_line_error(r, "does not fit", "GiB over", "--find-max-batch", "mesh.fsdp", "model.remat",
                           after_progress=True)
@@ -142,13 +153,17 @@ def test_names_resolve_to_one_table():
         resolve("v5e-3")
 
 
-def fake_probe(base: float, per_seq: float, capacity: float, *, floor: float = 0.0, remat_from: int | None = None):
+def fake_probe(base: float, per_seq: float, capacity: float, *, floor: float = 0.0, remat_from: int | None = None,
+               interrupt_at: int | None = None):
     """compile_step results from a memory model: base + per_seq * batch (at least `floor`), with
     FLOPs 10% over linear from `remat_from` on (the compiler recomputing to fit). Far over the
-    capacity the compiler gives up, and its message overstates what it needs (as XLA:TPU's does)."""
+    capacity the compiler gives up, and its message overstates what it needs (as XLA:TPU's does).
+    The compile after `interrupt_at` of them is stopped by Ctrl-C."""
     seen = []
 
     def probe(batch: int) -> dict:
+        if interrupt_at is not None and len(seen) == interrupt_at:
+            raise KeyboardInterrupt
         seen.append(batch)
         total = max(floor, base + per_seq * batch)
         xla = 1e9 * batch * (1.1 if remat_from and batch >= remat_from else 1.0)
@@ -160,24 +175,31 @@ def fake_probe(base: float, per_seq: float, capacity: float, *, floor: float = 0
     return probe, seen
 
 
-@pytest.mark.parametrize("kw, start, unit, expected", [
-    (dict(base=2.0, per_seq=0.2, capacity=16.0), 32, 4, 68),  # line meets capacity at 70 -> 68
-    (dict(base=2.0, per_seq=0.2, capacity=16.0, floor=6.0), 8, 8, 64),  # flat floor hides the slope
-    (dict(base=2.0, per_seq=0.2, capacity=16.0, remat_from=72), 32, 8, 64),  # 72.. fit only by recompute
-    (dict(base=20.0, per_seq=0.2, capacity=16.0), 32, 4, 0),  # params alone do not fit
-    (dict(base=2.0, per_seq=1.0, capacity=16.0), 64, 4, 12),  # the config's batch is too big
+@pytest.mark.parametrize("kw, start, unit, expected, next_is", [
+    (dict(base=2.0, per_seq=0.2, capacity=16.0), 32, 4, 68, "does not fit"),  # the line meets capacity at 70
+    (dict(base=2.0, per_seq=0.2, capacity=16.0, floor=6.0), 8, 8, 64, "does not fit"),  # a flat floor hides the slope
+    (dict(base=2.0, per_seq=0.2, capacity=16.0, remat_from=72), 32, 8, 64, "fits only by recomputing"),
+    (dict(base=2.0, per_seq=0.2, capacity=16.0, remat_from=56), 16, 8, 48, "fits only by recomputing"),
+    (dict(base=20.0, per_seq=0.2, capacity=16.0), 32, 4, 0, "does not fit"),  # params alone do not fit
+    (dict(base=2.0, per_seq=1.0, capacity=16.0), 64, 4, 12, "does not fit"),  # the config's batch is too big
 ])
-def test_max_batch_search_finds_the_largest_multiple_that_fits(kw, start, unit, expected):
+def test_max_batch_search_proves_the_largest_multiple_that_fits(kw, start, unit, expected, next_is):
     probe, seen = fake_probe(**kw)
     lines = []
     found = search_max_batch(probe, start, unit, kw["capacity"], max_compiles=10, say=lines.append)
     assert found["max_batch"] == expected, seen
     assert all(b % unit == 0 for b in seen) and len(seen) == len(set(seen)) == found["compiles"] <= 10
-    assert found["exact"] or expected == 68  # linear answer verified without probing 72
+    # the proof: a clean fit at the answer, compiled, and the next multiple compiled and refused
+    results = found["results"]
+    assert found["exact"] and found["stopped"] is None
+    assert found["proof"] == {"fits": expected or None, "next": expected + unit, "next_is": next_is}
+    if expected:
+        assert results[expected]["fits"] and not found["recomputes"][expected]
+    assert not results[expected + unit]["fits"] or found["recomputes"][expected + unit]
     # one progress line per compile, in order: its batch, its memory, its verdict and its time
     assert len(lines) == len(seen), lines
     for batch, line in zip(seen, lines):
-        r = found["results"][batch]
+        r = results[batch]
         gib = r["hbm_per_device_bytes"]["total"] / GiB
         assert line.startswith(f"batch {batch}: {gib:.2f} of {kw['capacity'] / GiB:.2f} GiB per device, "), line
         assert line.endswith("(1.0 s)"), line
@@ -186,6 +208,52 @@ def test_max_batch_search_finds_the_largest_multiple_that_fits(kw, start, unit, 
         # a batch the search refused although it fitted is one the compiler fitted by recomputing
         refused = r["fits"] and batch > found["max_batch"]
         assert ("recomputing" in verdict) == refused, (line, found["max_batch"])
+
+
+@pytest.mark.parametrize("limit, stopped", [(dict(max_compiles=3), "max_compiles"),
+                                            (dict(time_budget_s=3.5), "time_budget"),  # 1 s a compile
+                                            (dict(interrupt_at=3), "interrupted")])
+def test_a_search_stopped_early_returns_the_largest_batch_proven_to_fit(limit, stopped):
+    probe, seen = fake_probe(2.0, 0.2, 16.0, interrupt_at=limit.pop("interrupt_at", None))
+    lines = []
+    try:
+        found = search_max_batch(probe, 8, 4, 16.0, **{"max_compiles": 10, **limit}, say=lines.append)
+    except KeyboardInterrupt:  # pytest would stop the whole session on it
+        pytest.fail("Ctrl-C went through the search")
+    # 8 and 16 fit, then the line's answer 68 fits too; 72 was never compiled, so 68 is not proven largest
+    assert seen == [8, 16, 68] and len(lines) == 3
+    assert (found["max_batch"], found["exact"], found["stopped"], found["proof"]) == (68, False, stopped, None)
+    assert found["results"][68]["fits"] and not found["recomputes"][68]
+
+
+def test_ctrl_c_during_the_search_prints_the_json_so_far_and_exits_130(monkeypatch, capsys):
+    import signal
+
+    from flax_gpt import cli
+    from flax_gpt.bench import tpu_compile
+
+    probe, seen = fake_probe(2.0 * GiB, 0.2 * GiB, 15.75 * GiB, interrupt_at=3)
+
+    def compile_step(cfg, gen, devices, *, say=None):
+        r = probe(cfg.train.batch_size)
+        r["hbm_per_device_bytes"].update(params=GiB // 4, opt_state=GiB // 2, temp=GiB)
+        return {**r, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "hbm_capacity_bytes": int(15.75 * GiB)}
+
+    monkeypatch.setattr(tpu_compile, "topology_devices", lambda topology: ("v5e", "v5e:2x4", []))
+    monkeypatch.setattr(tpu_compile, "compile_step", compile_step)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = cli.main(["compile", "configs/tiny.yaml", "--topology", "v5e-8", "--find-max-batch"])
+    except KeyboardInterrupt:  # pytest would stop the whole session on it
+        pytest.fail("Ctrl-C went through the search")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert rc == 130 and res["interrupted"] is True
+    assert seen == [8, 16, 64] and res["max_batch"] == 64  # unit 8: the line's 68 rounds down to 64
+    assert res["max_batch_search"]["exact"] is False and res["max_batch_search"]["stopped"] == "interrupted"
+    assert err.strip().splitlines()[-1] == "interrupted; the largest batch proven to fit so far is 64 (in the JSON)"
 
 
 def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
@@ -211,8 +279,9 @@ def test_not_fitting_suggests_only_what_the_config_does_not_do_yet():
 
     hbm = {"params": GiB, "opt_state": 2 * GiB, "temp": 30 * GiB, "total": 33 * GiB}
     base = {"fits": False, "hbm_per_device_bytes": hbm, "hbm_capacity_bytes": 16 * GiB, "topology": "v5e-8"}
-    line = fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": False})
-    assert "17.00 GiB over" in line and "mesh.fsdp" in line and "model.remat" in line
-    line = fit_problem({**base, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": True})
+    line = fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": "none"})
+    assert "17.00 GiB over" in line and "mesh.fsdp" in line and "model.remat=minimal" in line
+    assert "model.remat=full" in fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": "minimal"})
+    line = fit_problem({**base, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": "full"})
     assert "mesh.fsdp" not in line and "model.remat" not in line and "--find-max-batch" in line
     assert fit_problem({**base, "fits": True}) is None

@@ -10,9 +10,12 @@ abstract inputs. Nothing runs, so what comes out is what XLA:TPU planned, not a 
   donated aliases + temporaries + code): the compiler's high-water mark does not always cover the
   buffer sum, so the larger is reported);
 - FLOPs per device per step from `cost_analysis()` next to ours (`flops.flops_per_token`);
-- a roofline *estimate* of the step time: max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth).
+- a roofline *estimate* of the step time: max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth),
+  on figures a kernel or a loop cannot shrink (`roofline.py`: the larger of XLA's and the formula's
+  FLOPs; XLA's bytes plus what its cost analysis leaves out of Pallas kernels and loop trips).
   Collectives over ICI/DCN and imperfect overlap are not in it, and `bytes accessed` is the
-  compiler's operand-and-output sum, an upper bound on HBM traffic.
+  compiler's operand-and-output sum, an upper bound on HBM traffic;
+- with `--find-max-batch`, the largest batch that fits, proven by two compiles (`max_batch.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 from jax._src import hardware_utils  # counts attached TPU chips (PCI ids) without loading libtpu
 from jax.experimental import topologies
 
+from flax_gpt.bench.max_batch import search_max_batch
+from flax_gpt.bench.roofline import hidden_bytes, step_estimate
 from flax_gpt.config import Config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
@@ -87,9 +92,6 @@ HBM_BANDWIDTH = {"v4": 1200e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 _RAW = re.compile(r"^(v4|v5e|v5litepod|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _OOM_TEMP = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 _OOM_USED = re.compile(r"Used ([\d.]+)G of ([\d.]+)G hbm")
-# FLOPs over the linear prediction that mark a batch the compiler fitted only by recomputing
-# activations (see search_max_batch).
-RECOMPUTE_TOLERANCE = 0.02
 
 
 def known_names() -> str:
@@ -185,7 +187,7 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
             total, capacity = max(args, int(float(m.group(1)) * GiB)), int(float(m.group(2)) * GiB)
             temp = total - args
         total = max(total, capacity + 1)  # it did not fit, whatever the message left out
-        ma, ca = None, {}
+        ma, ca, hidden = None, {}, None
     else:
         say("analysing memory and FLOPs")
         ma, ca = compiled.memory_analysis(), compiled.cost_analysis()
@@ -193,113 +195,35 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
         temp = ma.temp_size_in_bytes
         total = max(ma.peak_memory_in_bytes, ma.argument_size_in_bytes + ma.output_size_in_bytes
                     - ma.alias_size_in_bytes + temp + ma.generated_code_size_in_bytes)
+        hidden = hidden_bytes(compiled.as_text())  # what cost_analysis leaves out (kernels, loop trips)
         del compiled
     formula = flops.flops_per_token(cfg.model, T) * B * T / n
     peak, bw = flops.peak_flops(kind), HBM_BANDWIDTH[gen]
     xla = ca.get("flops")
-    est = max(xla / peak, ca.get("bytes accessed", 0.0) / bw) if xla and peak else None
+    used = step_estimate(xla_flops=xla, formula_flops=formula, xla_bytes=ca.get("bytes accessed"), hidden=hidden,
+                         peak=peak, bandwidth=bw)
+    est = used["est_step_time_s"]
     out.update({
         "compiled": ma is not None,
         "hbm_per_device_bytes": {"params": params, "opt_state": opt, "temp": temp, "total": int(total)},
         "hbm_capacity_bytes": capacity, "fits": ma is not None and total <= capacity,
         "flops_per_device_step_xla": xla, "flops_per_device_step_formula": formula,
-        "bytes_accessed_per_device_step_xla": ca.get("bytes accessed"),
+        "bytes_accessed_per_device_step_xla": ca.get("bytes accessed"), **used,
         "peak_flops_per_device": peak, "hbm_bandwidth_bytes_per_s": bw,
-        "est_step_time_s": est, "est_tokens_per_sec": B * T / est if est else None,
-        "est_mfu": formula / (est * peak) if est else None,
-        "estimate": "roofline max(FLOPs/peak, bytes/HBM bandwidth); no collectives; compiled for, not run on",
+        "est_tokens_per_sec": B * T / est if est else None, "est_mfu": formula / (est * peak) if est else None,
+        "estimate": "roofline max(FLOPs/peak, bytes/HBM bandwidth) on the *_used figures; no collectives; "
+                    "compiled for, not run on",
         "compile_time_s": round(time.perf_counter() - t0, 2),
     })
     return out
 
 
-def search_max_batch(probe, start: int, unit: int, capacity: int, *, max_compiles: int = 8, say=None) -> dict:
-    """Largest batch, a multiple of `unit`, that fits: `probe(batch)` is a `compile_step` result.
-
-    Memory is close to linear in the batch (fixed parameters and optimizer state + activations per
-    sequence), so two compiles (the config's batch and twice it) give a line, and the batch where it
-    meets `capacity` is compiled to verify it. When that lands well under the capacity (small
-    models: a batch-independent buffer sets the peak at small batches and hides the slope) the line
-    is refitted through the last two points; when it does not fit, the search narrows the interval
-    between the largest batch known to fit and the smallest known not to (interpolating memory,
-    halving when that stalls), up to `max_compiles` compiles.
-
-    Recompute caveat: past the line XLA:TPU still fits bigger batches by rematerialising
-    activations, at more FLOPs per sequence (distilgpt2 on v5e-4: +1.4% at 1.5x the line's batch,
-    +12% at 1.8x). A batch whose compiled FLOPs exceed the line through the first two points by more
-    than RECOMPUTE_TOLERANCE does not count: the answer is the largest batch that fits *without*
-    that; bigger ones may compile and run slower per token.
-    """
-    say = say or (lambda *_: None)
-    results: dict[int, dict] = {}
-    mem = lambda r: r["hbm_per_device_bytes"]["total"]  # noqa: E731
-    flops_line = None  # FLOPs against batch through the first two compiles, once both are in
-
-    def recomputes(r: dict) -> bool:
-        xla = r["flops_per_device_step_xla"]
-        return bool(r["fits"] and flops_line and xla and xla > (1 + RECOMPUTE_TOLERANCE) * flops_line(r["batch_size"]))
-
-    def run(batch: int) -> dict:
-        if batch not in results:  # one line per compile: a search is several multi-minute compiles
-            r = results[batch] = probe(batch)
-            verdict = ("fits only by recomputing activations (more FLOPs per sequence): not counted"
-                       if recomputes(r) else "fits" if r["fits"] else
-                       "does not fit" if r["compiled"] else "does not fit (the compiler ran out of HBM)")
-            say(f"batch {batch}: {mem(r) / GiB:.2f} of {capacity / GiB:.2f} GiB per device, {verdict} "
-                f"({r['compile_time_s']} s)")
-        return results[batch]
-
-    def done(lo: int, hi: int | None) -> dict:
-        return {"max_batch": lo, "exact": hi is not None and hi - lo <= unit, "compiles": len(results),
-                "results": results}
-
-    lo, hi = max(unit, start // unit * unit), None
-    if not run(lo)["fits"]:  # start from the smallest batch instead
-        lo, hi = unit, lo
-        if hi == unit or not run(unit)["fits"]:
-            return done(0, unit)
-    a, b = lo, 2 * lo if hi is None else lo + max(unit, (hi - lo) // 2 // unit * unit)
-    if hi is not None and b >= hi:
-        return done(lo, hi)
-    lo, hi = (b, hi) if run(b)["fits"] else (lo, b)
-    fa, fb = results[a]["flops_per_device_step_xla"], results[b]["flops_per_device_step_xla"]
-    flops_line = (lambda x, a=a, b=b: fa + (fb - fa) * (x - a) / (b - a)) if fa and fb else None  # a, b move on
-
-    def clean_fit(r: dict) -> bool:
-        return r["fits"] and not recomputes(r)
-
-    last, streak = None, 0
-    while len(results) < max_compiles and (hi is None or hi - lo > unit):
-        if hi is None:  # where the line through the last two points meets the capacity
-            slope = (mem(results[b]) - mem(results[a])) / (b - a)
-            guess = int((capacity - mem(results[b])) / slope) + b if slope > 0 else 8 * lo
-            guess = max(lo + unit, min(guess // unit * unit, 8 * lo))  # a flat line says little
-        else:  # between the two: interpolate, or halve when one side keeps moving (regula falsi
-            # stalls) or the upper side's figure came from an out-of-memory message (what the
-            # compiler wanted before giving up, well above what a compiled program would hold)
-            ml, mh = mem(results[lo]), mem(results[hi])
-            guess = lo + (hi - lo) // 2 // unit * unit
-            if streak < 2 and mh > ml and results[hi]["compiled"]:
-                guess = lo + int((capacity - ml) / (mh - ml) * (hi - lo)) // unit * unit
-            guess = min(max(guess, lo + unit), hi - unit)
-        r = run(guess)
-        side = "lo" if clean_fit(r) else "hi"
-        streak, last = (streak + 1 if side == last else 1), side
-        if side == "hi":
-            hi = guess
-            continue
-        lo = guess
-        if hi is None and mem(r) >= 0.9 * capacity:
-            break  # the line's answer, verified
-        a, b = b, guess
-    return done(lo, hi)
-
-
-def compile_for_topology(cfg: Config, topology: str, *, find_max_batch: bool = False, max_compiles: int = 8,
-                         say=None) -> dict:
+def compile_for_topology(cfg: Config, topology: str, *, find_max_batch: bool = False, max_compiles: int = 12,
+                         time_budget_s: float | None = None, say=None) -> dict:
     """The `flax-gpt compile` JSON for this config on this slice (see the module docstring).
     `say` gets the progress: a line per phase, and per compile of the batch search, with the
-    seconds since the start."""
+    seconds since the start. A batch search stopped by Ctrl-C returns what it proved so far,
+    with "interrupted": true."""
     t0, say = time.perf_counter(), say or (lambda *_: None)
 
     def phase(line: str) -> None:
@@ -321,13 +245,20 @@ def compile_for_topology(cfg: Config, topology: str, *, find_max_batch: bool = F
             return compile_step(with_batch(cfg, batch), gen, devices)
 
         found = search_max_batch(probe, cfg.train.batch_size, unit, result["hbm_capacity_bytes"],
-                                 max_compiles=max_compiles, say=phase)
+                                 max_compiles=max_compiles, time_budget_s=time_budget_s, say=phase)
         result["max_batch"] = found["max_batch"]
-        result["max_batch_search"] = {"compiles": found["compiles"], "exact": found["exact"],
-                                      "batch_multiple": unit,
-                                      "tried": {str(k): {"fits": v["fits"], "hbm_total": v["hbm_per_device_bytes"]
-                                                         ["total"]} for k, v in sorted(found["results"].items())}}
-        phase(f"largest batch that fits: {found['max_batch']} ({found['compiles']} compiles)")
+        result["max_batch_search"] = {
+            "compiles": found["compiles"], "exact": found["exact"], "stopped": found["stopped"],
+            "proof": found["proof"], "batch_multiple": unit,
+            "tried": {str(k): {"fits": v["fits"], "recomputes": found["recomputes"][k],
+                               "hbm_total": v["hbm_per_device_bytes"]["total"], "compile_time_s": v["compile_time_s"]}
+                      for k, v in sorted(found["results"].items())}}
+        if found["stopped"] == "interrupted":
+            result["interrupted"] = True
+        why = {"max_compiles": "max_compiles reached", "time_budget": "time budget spent", "interrupted": "Ctrl-C"}
+        phase(f"largest batch that fits: {found['max_batch']} ({found['compiles']} compiles" +
+              (f"; the next multiple, {found['proof']['next']}, {found['proof']['next_is']})" if found["exact"] else
+               f"; stopped, {why[found['stopped']]}: not proven the largest)"))
     return result
 
 
@@ -341,7 +272,8 @@ def fit_problem(result: dict) -> str | None:
     tip = ("--find-max-batch finds the largest batch that fits" if best is None else
            f"the largest batch that fits is {best}" if best else "no batch fits with this mesh")
     more = ([] if result["mesh"]["data"] == 1 else ["shard them over mesh.fsdp (e.g. mesh.fsdp=-1 mesh.data=1)"]) + \
-        ([] if result.get("remat") else ["set model.remat=true"])
+        ([] if result.get("remat") == "full" else
+         [f"set model.remat={'full' if result.get('remat') == 'minimal' else 'minimal (or full: least memory)'}"])
     return (f"does not fit: {need / GiB:.2f} GiB per device needed, {cap / GiB:.2f} GiB available on "
             f"{result['topology']} ({(need - cap) / GiB:.2f} GiB over; parameters + optimizer state "
             f"{fixed / GiB:.2f} GiB); {tip}" + "".join(f"; or {m}" for m in more))
