@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from flax_gpt.data.shards import open_split
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
+from flax_gpt.train.run_lock import check_free
 from flax_gpt.train.state import StateBuilder, load_params, total_steps
 from flax_gpt.train.trainer import Trainer
 
@@ -156,21 +158,40 @@ def _shards_rows(shards_dir, vocab_size: int, seq_len: int | None):
 
 def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> tuple[Config, int]:
     """`flax-gpt import-hf`: an HF folder or Hub id -> a run directory with a weights-only step-0
-    checkpoint. The run directory must be new or empty."""
-    storage.check_output(run_dir, "run")
+    checkpoint. The run directory must be new or empty (or an import of ours cut short).
+
+    It is built whole in a staging folder and then put in place (renamed; a bucket one uploaded
+    marker first, marked incomplete until the last file), so an import killed midway leaves the
+    target as it was, or marked unfinished, and the same command run again completes it."""
+    _check_import_target(run_dir)
     base = base or Config()
     model_cfg, params = load_hf(src, abstract_params, dtype=base.model.dtype, pad_vocab_to=base.model.pad_vocab_to)
     cfg = base.replace(model={**dataclasses.asdict(model_cfg), "init_from": src},
                        train={"run_dir": str(run_dir)},
                        data={"seq_len": min(base.data.seq_len, model_cfg.n_positions)}).validate()
-    ckpt = Checkpointer(run_dir, async_save=False)
+    storage.clean_temp_siblings(run_dir)  # what an import killed earlier left
+    tmp = storage.staging_folder(run_dir)
     try:
-        ckpt.save(0, params, meta={"source": src})
-        ckpt.wait()
+        ckpt = Checkpointer(tmp, async_save=False)
+        try:
+            ckpt.save(0, params, meta={"source": src})
+            ckpt.wait()
+        finally:
+            ckpt.close()
+        commit_config(cfg, folder=tmp)
+        _check_import_target(run_dir)  # still ours to fill: nothing was put there meanwhile
+        storage.publish_folder(tmp, run_dir)
     finally:
-        ckpt.close()
-    commit_config(cfg)
+        shutil.rmtree(tmp, ignore_errors=True)
     return cfg, sum(v.size for v in jax.tree.leaves(params))
+
+
+def _check_import_target(run_dir) -> None:
+    if storage.check_output(run_dir, "run", reuse=True) and not storage.marker_of(run_dir).get("incomplete"):
+        raise OutputError(f"{run_dir} already holds a run directory; import-hf starts a new run: choose a new "
+                          "or empty folder")
+    storage.check_writable(run_dir, "the run directory")
+    check_free(run_dir)  # a training that has just started there
 
 
 def transformers_generate(*, run_dir=None, hf=None, step=None, prompts: list[str], num_samples: int = 1,

@@ -1,18 +1,17 @@
-"""Locations users give (sources, shards, run dirs, exports, reports): a local path or any fsspec URL
-(`gs://bucket/prefix` on Cloud TPU VMs), all through `etils.epath` (gcsfs underneath for gs://).
-And who owns them.
+"""Files and folders at the locations users give (sources, shards, run dirs, exports, reports; see
+`locations`): atomic writes, copies to and from buckets, and who owns each output.
 
 Owned outputs: every folder flax_gpt writes carries a marker file, `.flax_gpt.json`, saying what
-it is (`run`, `shards`, `export`, `report`). A verb writes into a folder only when it is new, empty,
-or already of its own kind; it replaces one only when asked (`--overwrite`) and only if it is of
-its kind. Folders written before markers existed are recognised by their contents (a run: config.yaml
-+ checkpoints/; shards: a flax_gpt manifest.json; an export: config.json + training_config.json).
+it is (`run`, `shards`, `export`, `report`); the marker is written before (or, for a staged folder,
+atomically with) the first file. The marker is the only proof: a folder that merely looks like
+ours (a manifest.json, a config.yaml beside checkpoints/) is someone else's. A verb writes into a
+folder only when it is new, empty, or already of its own kind; it replaces one only when asked
+(`--overwrite`), only if it is of its kind, and only if it holds nothing but the files the marker
+lists (an export): a folder the user has since put other things into is refused, naming them.
 Anything else is refused, naming what is there.
 
-Endpoints: the one setting a user gives to reach a GCS emulator (or another endpoint) is the
-standard `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`; it is passed on here, before gcsfs loads,
-to every library in its own form (TensorStore under Orbax: `TENSORSTORE_GCS_HTTP_URL`; fsspec's
-default token; gcsfs's bucket-type probe, which speaks gRPC to Google and would stall).
+Staging folders are named after their writer (pid@host), so the cleanup of one write removes its
+own leftovers and those of writers that are gone, never the live staging folder of another.
 """
 
 from __future__ import annotations
@@ -26,84 +25,28 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from flax_gpt.errors import OutputError, StorageError
 
-
-def _pass_on_emulator_host() -> None:
-    host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if not host:
-        return
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
-    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore: no credential lookup
-    os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
-_pass_on_emulator_host()
-
-from etils import epath  # noqa: E402  (after the endpoint settings: gcsfs reads them when it loads)
+# Re-exported: callers reach everything about a user's location through storage. (epath comes
+# from there too: it must load after the endpoint settings that module makes.)
+from flax_gpt.locations import (  # noqa: F401
+    check_reachable,
+    connects,
+    epath,
+    error_reason,
+    is_remote,
+    location,
+)
 
 MARKER = ".flax_gpt.json"
+LOCK_FILE = ".flax_gpt.lock"  # a run's lock (train/run_lock.py): never content of its own, never foreign
 KINDS = {"run": "run directory", "shards": "shards folder", "export": "export folder", "report": "report folder"}
 TMP_PREFIX = ".flax_gpt-tmp-"  # temporary siblings of an output being written; cleaned on the next run
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
-
-
-# ------------------------------------------------------------------------------------ locations
-
-
-def is_remote(path) -> bool:
-    return bool(_URL.match(str(path)))
-
-
-def location(path) -> epath.Path:
-    """A user's location as an `epath.Path`; local paths made absolute (their meaning is where the
-    command ran), URLs left as they are."""
-    if isinstance(path, epath.Path) and (is_remote(path) or Path(str(path)).is_absolute()):
-        return path
-    text = os.fspath(path)
-    return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
-
-
-def connects(url: str, timeout: float) -> bool:
-    """Whether a TCP connection to the URL's host and port opens within `timeout` seconds."""
-    u = urlparse(url if "://" in url else f"http://{url}")
-    try:
-        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def check_reachable(path, what: str) -> None:
-    """A gs:// location: its endpoint answers and its bucket exists (seconds, not the libraries'
-    minutes of retries). Local paths pass."""
-    if not is_remote(path) or not str(path).startswith("gs://"):
-        return
-    endpoint = os.environ.get("STORAGE_EMULATOR_HOST", "https://storage.googleapis.com")
-    if not connects(endpoint, 5.0):
-        raise StorageError(f"{what} {path}: cannot reach Cloud Storage at {endpoint}; check the network "
-                           "(or STORAGE_EMULATOR_HOST)")
-    bucket = epath.Path("gs://" + str(path)[5:].split("/", 1)[0])
-    try:
-        found = bucket.exists()
-    except OSError as e:
-        raise StorageError(f"{what} {path}: {error_reason(e)}; check the bucket name and your access") from None
-    if not found:
-        raise StorageError(f"{what} {path}: bucket {bucket} does not exist; create it or fix the URL")
-
-
-def error_reason(e: BaseException) -> str:
-    """A short cause: the OS error when there is one (TensorStore reports it as `os_error_code`)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(e))
-    if code:
-        return os.strerror(int(code.group(1)))
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+# What follows `TMP_PREFIX + name` in a staging folder's name: -PID-(NANOSECONDS|old)[@HOST]. The
+# pattern is anchored, so the staging folder of `a-b` never passes for one of `a`.
+_TMP_SUFFIX = re.compile(r"-(\d+)-(\d+|old)(?:@([^@/]+))?")
+HOST = socket.gethostname()
 
 
 # ------------------------------------------------------------------------------------ files
@@ -211,21 +154,6 @@ def cache_dir(kind: str) -> Path:
 # ------------------------------------------------------------------------------------ ownership
 
 
-def _legacy_kind(folder: epath.Path) -> str | None:
-    if (folder / "config.yaml").exists() and (folder / "checkpoints").is_dir():
-        return "run"
-    manifest = folder / "manifest.json"
-    if manifest.exists():
-        try:
-            if "format_version" in json.loads(manifest.read_text()):
-                return "shards"
-        except (OSError, ValueError):
-            return None
-    if (folder / "config.json").exists() and (folder / "training_config.json").exists():
-        return "export"
-    return None
-
-
 def marker_of(path) -> dict:
     """What the owner marker of the folder at `path` records ({} when there is none or it is unreadable)."""
     marker = location(path) / MARKER
@@ -242,12 +170,13 @@ def folder_kind(path) -> str | None:
     if not folder.is_dir():
         return None
     kind = marker_of(folder).get("kind")
-    return kind if kind in KINDS else _legacy_kind(folder)
+    return kind if kind in KINDS else None
 
 
 def _names(folder: epath.Path) -> list[str]:
+    """What a folder holds, folders with a trailing /; a lock file left by a killed run is no content."""
     try:
-        return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name != LOCK_FILE)
     except FileNotFoundError:
         return []
 
@@ -285,24 +214,54 @@ def check_output(path, kind: str, *, overwrite: bool = False, flag: str = "--ove
         inside = owner_of(folder)
         if inside is not None and (kind == "export" or inside[1] == "shards"):
             owner, owner_kind = inside
-            where = f"is a {KINDS[owner_kind]}" if owner == folder else f"is inside the {KINDS[owner_kind]} {owner}"
+            where = f"is {_a(KINDS[owner_kind])}" if owner == folder else f"is inside the {KINDS[owner_kind]} {owner}"
             raise OutputError(f"{shown} {where}; write the {what} to a folder of its own")
     names = _names(folder) if folder.is_dir() else []
     if not names:
         return False
     found = folder_kind(folder)
     if found == kind:
-        if not (overwrite or reuse):
-            raise OutputError(f"{shown} already holds a {what}; pass {flag} to replace it or choose another folder")
+        info = marker_of(folder)
+        others = _not_listed(folder, names, info)
+        if others:
+            raise OutputError(f"{shown} holds {_a(what)} and also {_listing(others)}, which it did not write; "
+                              f"move those out, or choose another folder (nothing was replaced)")
+        if not (overwrite or reuse or info.get("incomplete")):  # a half-uploaded output of ours: redone
+            raise OutputError(f"{shown} already holds {_a(what)}; pass {flag} to replace it or choose another folder")
         return True
     if found is not None:
-        raise OutputError(f"{shown} is a {KINDS[found]}, not a {what}; choose another folder")
-    listing = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    raise OutputError(f"{shown} is not empty and was not written by flax-gpt (holds {listing}); "
+        raise OutputError(f"{shown} is {_a(KINDS[found])}, not {_a(what)}; choose another folder")
+    raise OutputError(f"{shown} is not empty and was not written by flax-gpt (holds {_listing(names)}); "
                       f"choose an empty or new folder for the {what}")
 
 
-def mark(path, kind: str, **info: str) -> None:
+def _not_listed(folder: epath.Path, names: list[str], info: dict) -> list[str]:
+    """Entries of an output that its marker does not list as written by it (only outputs replaced
+    whole, exports, list their files), each named with its kind when it is an output of ours."""
+    files = info.get("files", _EXPORT_FILES if info.get("kind") == "export" else None)
+    if files is None:
+        return []
+    written = {*files, MARKER}
+    return [n + (f" ({_a(KINDS[k])})" if n.endswith("/") and (k := folder_kind(folder / n.rstrip("/"))) else "")
+            for n in names if n.rstrip("/") not in written]
+
+
+# What an export marked before markers listed their files may hold (the model, its card and the
+# tokenizer files transformers writes): anything else in it was put there by someone else.
+_EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "README.md", "training_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "added_tokens.json", "chat_template.jinja")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def mark(path, kind: str, **info) -> None:
     """Create `path` if needed and write its marker (idempotent); `info` is recorded with the kind
     (an export records the run it came from, so a later run does not replace it unasked)."""
     folder = location(path)
@@ -337,42 +296,82 @@ def check_writable(path, what: str) -> None:
         raise OutputError(f"{what} {p}: {existing} is not writable; fix its permissions or choose another path")
 
 
+def check_output_file(path, what: str) -> None:
+    """A single file a verb writes (a benchmark's JSON): never a folder, and never inside an output
+    of ours, whose files belong to the verb that wrote them (a run's config.yaml, a shard...)."""
+    p = location(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {path} is a folder; pass a file path, e.g. results.json")
+    inside = owner_of(p.parent, kinds=tuple(KINDS))
+    if inside is not None:
+        raise OutputError(f"{what} {path} is inside the {KINDS[inside[1]]} {inside[0]}; write it outside "
+                          "flax-gpt's outputs")
+    check_writable(p, what)
+
+
 # ------------------------------------------------------------------------------------ staging
 
 
 def staging_folder(out) -> Path:
     """A fresh local folder to build an output in before it is put in place: a temporary sibling of
-    a local `out` (same filesystem, so it can be renamed into place), or a local temporary folder
-    for a bucket location (uploaded when finished)."""
+    a local `out` (same filesystem, so it can be renamed into place) named after this process, or
+    a local temporary folder for a bucket location (uploaded when finished)."""
     if is_remote(out):
         return Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
     out = Path(os.path.abspath(str(out)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}-{time.time_ns()}"
+    tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}-{time.time_ns()}@{HOST}"
     tmp.mkdir()
     return tmp
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of that id runs on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def clean_temp_siblings(out) -> None:
-    """Remove temporary folders that an interrupted write of a local `out` left beside it."""
+    """Remove the temporary folders that interrupted writes of a local `out` left beside it: this
+    process's own, and those of processes on this host that are gone. A live writer's folder, and
+    one from another host (whose processes cannot be seen from here), are left alone."""
     if is_remote(out):
         return
     out = Path(os.path.abspath(str(out)))
-    if out.parent.is_dir():
-        for stale in out.parent.glob(f"{TMP_PREFIX}{out.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    if not out.parent.is_dir():
+        return
+    head = f"{TMP_PREFIX}{out.name}"
+    for tmp in out.parent.iterdir():
+        m = _TMP_SUFFIX.fullmatch(tmp.name[len(head):]) if tmp.name.startswith(head) else None
+        if m is None:
+            continue
+        pid, host = int(m.group(1)), m.group(3) or HOST  # written before names carried the host: this one
+        if host == HOST and (pid == os.getpid() or not process_alive(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish_folder(tmp: Path, out) -> None:
-    """Put a finished staging folder in place of `out` (already checked to be ours to replace)."""
+    """Put a finished staging folder in place of `out` (already checked to be ours to replace).
+
+    A bucket has no rename: the old objects are deleted, then the marker goes up first marked
+    incomplete and last as it is, so an upload cut short is an output of ours that the next write
+    of its kind replaces, never one taken for finished."""
     if is_remote(out):
         rmtree(out)
+        info = marker_of(tmp)
+        if info:
+            write_atomic(location(out) / MARKER, json.dumps({**info, "incomplete": True}))
         upload_folder(tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)
         return
     out = Path(os.path.abspath(str(out)))
     if out.exists():
-        old = out.parent / f"{TMP_PREFIX}{out.name}-old-{os.getpid()}"
+        old = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}-old@{HOST}"
         os.replace(out, old)  # out is briefly absent, never half-written
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

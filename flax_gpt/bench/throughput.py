@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 
+from flax_gpt import storage
 from flax_gpt.bench.torch_baseline import measure_torch_baseline
 from flax_gpt.config import Config
 from flax_gpt.data.loader import TrainLoader
@@ -83,6 +84,8 @@ def measure_loop(cfg: Config, *, steps: int) -> dict:
 
 def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = "eager",
               loop: bool = True, out: str | None = None) -> dict:
+    if out:  # before measuring: never a file of a run, shards folder or export (a run's config.yaml...)
+        storage.check_output_file(out, "--out")
     n_dev = jax.device_count()
     kind = jax.devices()[0].device_kind
     seq, batch = cfg.data.seq_len, cfg.train.batch_size

@@ -4,8 +4,9 @@ and only then put it in place.
 
 The folder is built in a temporary sibling and moved into place after the check, so a failed
 write or check never leaves half an export and never touches an existing folder. The target must
-be a new or empty folder, or an earlier export (replaced only with `overwrite`); it may never be
-or sit inside a run directory or shards folder (`storage.check_output`).
+be a new or empty folder, or an earlier export (replaced only with `overwrite`, and only while it
+holds nothing but the files its marker lists: whatever else a user put there is refused, not
+deleted); it may never be or sit inside a run directory or shards folder (`storage.check_output`).
 torch is imported lazily, only by the reload check.
 """
 
@@ -59,9 +60,12 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         storage.make_readable(tmp)
-        storage.mark(tmp, "export", **({"origin": origin} if origin else {}))
+        # The files it wrote, listed: an overwrite later replaces this folder only if it holds no others.
+        storage.mark(tmp, "export", files=sorted(p.name for p in tmp.iterdir()),
+                     **({"origin": origin} if origin else {}))
         if check is not None:
             check(tmp)
+        storage.check_output(out, "export", overwrite=overwrite)  # again: nothing was put there meanwhile
         storage.publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

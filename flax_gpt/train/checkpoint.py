@@ -6,7 +6,9 @@ complete, so an interrupted save (a kill, a full disk) is never listed as a step
 checkpoints stay intact, and the temporary folder is removed when the next run opens the folder.
 Kept: the newest `keep` plus the best by validation loss. Restores take an abstract target
 carrying shardings, so a checkpoint written on one mesh loads onto any other (Orbax reshards).
-Nothing is created on disk until the first save.
+A writing Checkpointer holds the run lock (`run_lock`) from construction to `close()`: a second
+process is refused before it trains a step. Nothing but the lock file is created on disk until
+the first save, and the lock file goes again on close.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from flax_gpt import storage
 from flax_gpt.errors import CheckpointError, StorageError
+from flax_gpt.train.run_lock import RunLock
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -49,6 +52,8 @@ class Checkpointer:
         )
         self._manager: ocp.CheckpointManager | None = None
         self._last_saved: int | None = None
+        # Process 0 speaks for a multi-host job; the others write the same run with it.
+        self._lock = None if read_only or jax.process_index() != 0 else RunLock(run_dir).acquire()
 
     @property
     def manager(self) -> ocp.CheckpointManager:
@@ -170,10 +175,14 @@ class Checkpointer:
         return dest
 
     def close(self) -> None:
-        if self._manager is None:
-            return
         try:
-            self.wait()
+            if self._manager is not None:
+                try:
+                    self.wait()
+                finally:
+                    self._manager.close()
+                    self._manager = None
         finally:
-            self._manager.close()
-            self._manager = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None

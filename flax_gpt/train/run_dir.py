@@ -4,7 +4,12 @@
 A run directory changes only when a step was trained: `check_run_dir` inspects it before anything
 runs and writes nothing; `commit_config` writes the marker and the resolved config once the first
 step has been trained. So a failed start leaves the directory exactly as it was, and a directory
-that never finished a checkpointed step accepts a corrected config.
+that never finished a checkpointed step accepts a corrected config. While a process trains in it,
+that process holds the run lock (`run_lock`; its file is the one thing there before the marker,
+and it is no content of the folder): a second training of the same directory is refused.
+
+Only the marker makes a folder a run directory: a folder of the user's that holds a config.yaml
+and a checkpoints/ of its own is refused, never written into.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import jax
 from flax_gpt import storage
 from flax_gpt.config import RESULT, Config, ModelConfig, config_from_yaml, config_yaml
 from flax_gpt.data.shards import MANIFEST_NAME, read_manifest
-from flax_gpt.errors import CheckpointError, ConfigError, UserError
+from flax_gpt.errors import CheckpointError, ConfigError, OutputError, UserError
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.metrics import check_wandb
 from flax_gpt.train.optim import needs_run_length
+from flax_gpt.train.run_lock import check_free
 
 CONFIG_FILE = "config.yaml"
 _RUN_LENGTH = ("train.steps", "train.epochs")
@@ -58,8 +64,13 @@ def check_run_dir(cfg: Config) -> bool:
     run_dir = storage.location(cfg.train.run_dir)
     storage.check_output(cfg.train.run_dir, "run", reuse=True)
     storage.check_writable(run_dir, "train.run_dir")
+    if jax.process_index() == 0:  # the process that will hold the lock; refused before any work
+        check_free(cfg.train.run_dir)
     if storage.folder_kind(run_dir) != "run":
         return False
+    if storage.marker_of(run_dir).get("incomplete"):
+        raise OutputError(f"run directory {cfg.train.run_dir} is an import-hf whose upload was cut short; run "
+                          "the same import-hf again to finish it")
     if (run_dir / "checkpoints").exists():
         storage.check_writable(run_dir / "checkpoints", "the checkpoint folder")
     ckpt = Checkpointer(run_dir, read_only=True)
@@ -80,11 +91,13 @@ def check_run_dir(cfg: Config) -> bool:
     return bool(trained)
 
 
-def commit_config(cfg: Config) -> None:
-    """Mark the run directory as ours and write the resolved config (process 0; atomic)."""
+def commit_config(cfg: Config, folder=None) -> None:
+    """Mark the run directory as ours and write the resolved config (process 0; atomic), the marker
+    first: a kill in between leaves a run of ours without config, which the next start completes.
+    `folder`: where the run directory is being built, when not in place (import-hf's staging)."""
     if jax.process_index() != 0:
         return
-    run_dir = storage.location(cfg.train.run_dir)
+    run_dir = storage.location(folder or cfg.train.run_dir)
     storage.mark(run_dir, "run")
     storage.write_atomic(run_dir / CONFIG_FILE, config_yaml(cfg))
 
