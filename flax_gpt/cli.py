@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,59 @@ from flax_gpt.errors import ConfigError, UserError
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# jax.random.key keeps 32 bits of a seed without x64 (2**32 samples like 0), and numpy's seed, which
+# the transformers backend sets, takes nothing else.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _check_args(args) -> None:
+    """Numeric flags checked before anything is imported or read: a value that could only be a
+    mistake is one line naming the flag and its valid range, never silently used or ignored."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    if hasattr(args, "num_processes"):
+        _check_processes(args)
+    if args.verb == "generate":
+        need(args.max_new_tokens >= 1 and args.num_samples >= 1,
+             f"--max-new-tokens and --num-samples must be at least 1 (got {args.max_new_tokens}, {args.num_samples})")
+        need(math.isfinite(args.temperature) and args.temperature >= 0,
+             f"--temperature must be a finite number >= 0 (got {args.temperature}); 0 means greedy")
+        need(math.isfinite(args.top_p) and 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})")
+        need(args.top_k >= 0, f"--top-k must be >= 0 (got {args.top_k}); 0 means no top-k cut")
+        need(SEED_RANGE[0] <= args.seed <= SEED_RANGE[1],
+             f"--seed {args.seed} is out of range; use an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (2**32 - 1)")
+    elif args.verb == "report":
+        need(args.samples >= 0 and args.max_new_tokens >= 1,
+             f"--samples must be >= 0 and --max-new-tokens >= 1 (got {args.samples}, {args.max_new_tokens})")
+    elif args.verb == "bench":
+        need(args.steps >= 1 and args.warmup >= 0,
+             f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
+    elif args.verb == "eval":
+        need(args.seq_len is None or args.seq_len >= 1, f"--seq-len must be at least 1 (got {args.seq_len})")
+
+
+def _check_processes(args) -> None:
+    """--num-processes N --process-id I: both or neither, 0 <= I < N; train uses them only to join
+    a run through --coordinator, and --distributed detects them itself."""
+    n, i = args.num_processes, args.process_id
+    if n is None and i is None:
+        return
+    if n is not None and n < 1:
+        raise ConfigError(f"--num-processes must be at least 1 (got {n})")
+    if n is None or (i is None and n > 1):
+        raise ConfigError("--num-processes N and --process-id I go together (this process is I of N, 0 <= I < N)")
+    if not 0 <= (i or 0) < n:
+        raise ConfigError(f"--process-id {i} must be in [0, --num-processes {n})")
+    if args.distributed and not args.coordinator:
+        raise ConfigError("--distributed detects the processes itself; drop --num-processes/--process-id, or "
+                          "give them with --coordinator HOST:PORT instead of --distributed")
+    if args.verb == "train" and not args.coordinator and n > 1:
+        raise ConfigError(f"train --num-processes {n} joins a multi-process run: add --coordinator HOST:PORT "
+                          "(process 0's address)")
 
 
 def _config(args):
@@ -117,10 +171,6 @@ def cmd_generate(args) -> int:
     from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
     from flax_gpt.generate import load_model  # noqa: PLC0415
 
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--num-samples and --max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     prompts = list(args.prompt)
     kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
@@ -142,8 +192,6 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from flax_gpt.bench.throughput import run_bench  # noqa: PLC0415 - deferred, see above
 
-    if args.steps < 1 or args.warmup < 0:
-        raise ConfigError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
     result = run_bench(_config(args), steps=args.steps, warmup=args.warmup, baseline=args.baseline, out=args.out)
     print(json.dumps(result, indent=2))
     return 0
@@ -154,14 +202,22 @@ def cmd_compile(args) -> int:
     from flax_gpt.bench.tpu_compile import compile_for_topology, fit_problem  # noqa: PLC0415
 
     cfg = _config(args)
+    if args.max_compiles < 1 or (args.time_budget is not None and args.time_budget <= 0):
+        raise ConfigError(f"--max-compiles must be at least 1 and --time-budget positive "
+                          f"(got {args.max_compiles}, {args.time_budget})")
     if args.out:
         storage.check_writable(args.out, "--out")
     result = compile_for_topology(cfg, args.topology, find_max_batch=args.find_max_batch,
+                                  max_compiles=args.max_compiles, time_budget_s=args.time_budget,
                                   say=lambda line: print(line, file=sys.stderr, flush=True))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         storage.write_atomic(args.out, text + "\n")
+    if result.get("interrupted"):  # Ctrl-C during the batch search: the JSON holds what was proven
+        print(f"interrupted; the largest batch proven to fit so far is {result['max_batch']} (in the JSON)",
+              file=sys.stderr)
+        return 130
     problem = fit_problem(result)
     if problem:  # the JSON is out; not fitting is still a config the user must change: exit 2
         raise ConfigError(problem)
@@ -171,8 +227,6 @@ def cmd_compile(args) -> int:
 def cmd_report(args) -> int:
     from flax_gpt.report.report import write_report  # noqa: PLC0415 - deferred, see above
 
-    if args.samples < 0 or args.max_new_tokens < 1:
-        raise ConfigError("--samples must be >= 0 and --max-new-tokens >= 1")
     path = write_report(args.run_dir, samples=args.samples, max_new_tokens=args.max_new_tokens)
     print(f"report written to {path}")
     return 0
@@ -272,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--topology", required=True, help="Cloud TPU name (v5e-8, v4-32, v5p-128, v6e-16) or vX:AxB[xC]")
     sp.add_argument("--find-max-batch", action="store_true", help="also search the largest global batch that fits")
+    sp.add_argument("--max-compiles", type=int, default=12,
+                    help="--find-max-batch: at most this many compiles, the config's own included")
+    sp.add_argument("--time-budget", type=float, metavar="S",
+                    help="--find-max-batch: start no compile that would end past S seconds of compiling")
     sp.add_argument("--out", help="also write the JSON here")
     sp.set_defaults(fn=cmd_compile)
 
@@ -307,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, process.terminate)  # the training loop replaces it while it runs
     try:
         args = parse_args(argv)
+        _check_args(args)
         process.quiet_libraries(debug)
         return args.fn(args)
     except BaseException as e:

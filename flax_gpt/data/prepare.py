@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -255,6 +257,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     dtype = token_dtype(tokenizer.vocab_size)
     mine = [i for i in range(len(source.units)) if i % num_processes == process_id]
     threads = max(1, getattr(tokenizer, "num_threads", 1))
+    before = _state_of(out, set_aside=old is not None)
     with ThreadPoolExecutor(threads) as pool:
         for i in mine:
             if _read_part(out, i, fingerprint) is not None:
@@ -269,7 +272,11 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
         log(f"process {process_id}/{num_processes}: units {mine} written; the manifest is written by the "
             "process that finishes last")
         return None
-    manifest = _merge(parts, cfg, tokenizer, source, settings, fingerprint, dtype)
+    try:
+        manifest = _merge(parts, cfg, tokenizer, source, settings, fingerprint, dtype)
+    except DataError:  # no documents in any unit: nothing may look like shards afterwards
+        _put_back(out, before, len(source.units))
+        raise
     start_writing()
     write_manifest(out, manifest)
     _remove_stale(folder, manifest)
@@ -317,6 +324,39 @@ def _merge(parts: list[dict], cfg, tokenizer, source, settings: dict, fingerprin
         "stats": corpus_stats(words, tokens, empty_dropped=counter.empty_dropped,
                               invalid_utf8_replaced=counter.invalid_utf8_replaced),
     }
+
+
+def _state_of(out, set_aside: bool) -> dict:
+    """What `_put_back` restores: the manifest that the first write sets aside, whether the folder
+    was marked, and which local folders the first write creates (deepest first)."""
+    folder = storage.location(out)
+    created = []
+    if not storage.is_remote(out):
+        p = Path(os.path.abspath(str(out)))
+        while not p.exists():
+            created.append(p)
+            p = p.parent
+    manifest = folder / MANIFEST_NAME
+    return {"manifest": manifest.read_bytes() if set_aside and manifest.exists() else None,
+            "marked": (folder / storage.MARKER).exists(), "created": created}
+
+
+def _put_back(out, before: dict, units: int) -> None:
+    """Undo a job that found no documents in any unit. No unit wrote a shard (each needs a
+    document), so what the job wrote is its part records, the marker and the folder; a manifest
+    of earlier shards that it set aside comes back. Anything else in the folder stays."""
+    folder = storage.location(out)
+    for i in range(units):
+        (folder / PART.format(i)).unlink(missing_ok=True)
+    if before["manifest"] is not None and not (folder / MANIFEST_NAME).exists():
+        storage.write_atomic(folder / MANIFEST_NAME, before["manifest"])
+    marker = folder / storage.MARKER
+    # Also when another process of the job marked it: an otherwise empty folder is no shards folder.
+    if marker.exists() and (not before["marked"] or [p.name for p in folder.iterdir()] == [storage.MARKER]):
+        marker.unlink()
+    for p in before["created"]:
+        if p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
 
 
 def _remove_stale(folder, manifest: dict) -> None:

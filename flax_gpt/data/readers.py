@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,8 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
+from flax_gpt import storage
 from flax_gpt.errors import DataError
 
+LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet", ".txt")
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes smuggled through by the surrogateescape codec
 _PARAGRAPH_END = re.compile(r"^\s*$")
 
@@ -35,6 +39,24 @@ class Table:
     @property
     def num_rows(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+def check_file(path) -> epath.Path:
+    """`path` as a data file we can read: a supported suffix, and locally a regular file. A FIFO,
+    device or socket is refused before anything opens it: a source is read twice (hashed, then
+    parsed), and opening such a file blocks until a writer appears or never ends."""
+    path = epath.Path(str(path))
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use one of "
+                        f"{', '.join(LOCAL_SUFFIXES)}, or a dataset folder")
+    if not storage.is_remote(path):
+        mode = os.stat(str(path)).st_mode
+        if not stat.S_ISREG(mode):
+            what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise DataError(f"{path} is {what}, not a regular file; data.source is read twice (hashed, then "
+                            "parsed), so save the stream to a file first and point data.source at it")
+    return path
 
 
 def decode_bytes(data: bytes) -> tuple[str, int]:

@@ -76,7 +76,41 @@ def read_manifest(shards_dir) -> dict:
         raise DataError(f"{path} has format_version {manifest['format_version']} but this flax_gpt reads "
                         f"versions {READABLE_VERSIONS} (since 3 a document's train/val side follows its text, "
                         f"not its file and position); {REPREPARE}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is damaged or not written by flax-gpt prepare: {problem}; {REPREPARE}")
     return manifest
+
+
+def _count(value, least: int = 0) -> bool:
+    return type(value) is int and value >= least  # noqa: E721 - JSON true is a bool, not a count
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What a readable-version manifest lacks that readers index without looking, or None."""
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("name"), str) or not _count(tok.get("vocab_size"), 1) \
+            or not _count(tok.get("eos_id")) or tok["eos_id"] >= tok["vocab_size"]:
+        return "no tokenizer {name, vocab_size, eos_id < vocab_size}"
+    if not _count(m.get("seq_len"), 1):
+        return f"seq_len {m.get('seq_len')!r} is not a positive integer"
+    # Token ids are unsigned: a signed dtype could hold negative ids, which index the embedding
+    # table from its end instead of failing.
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {m.get('dtype')!r} is not uint16 or uint32 (token ids are unsigned)"
+    if not isinstance(m.get("fingerprint"), str) or not isinstance(m.get("packing"), str):
+        return "no fingerprint or packing"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return "no splits"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and Path(e["file"]).name == e["file"]
+                and _count(e.get("rows")) and _count(e.get("bytes")) and isinstance(e.get("sha256"), str)
+                for e in shards):
+            return f"split {name!r} has no list of shards {{file, rows, bytes, sha256}}"
+    return None
 
 
 def local_copy(shards_dir, manifest: dict) -> Path:
@@ -198,11 +232,12 @@ class TokenRows:
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             out[sel] = self._arrays[s][idx[sel] - self._starts[s]]
-        if out.max(initial=0) >= self.vocab_size:
-            bad = int(shard[np.flatnonzero((out >= self.vocab_size).any(axis=1))[0]])
+        # Negative after the int32 cast: a uint32 id >= 2**31 (damaged), which would index from the end.
+        if out.max(initial=0) >= self.vocab_size or out.min(initial=0) < 0:
+            bad = int(shard[np.flatnonzero(((out >= self.vocab_size) | (out < 0)).any(axis=1))[0]])
             entry = self.manifest["splits"][self.split]["shards"][bad]
-            raise DataError(f"shard {storage.location(self.shards_dir) / entry['file']} holds token ids >= the tokenizer's vocab "
-                            f"size {self.vocab_size} (damaged); {REPREPARE}")
+            raise DataError(f"shard {storage.location(self.shards_dir) / entry['file']} holds token ids >= the tokenizer's "
+                            f"vocab size {self.vocab_size} or below 0 (damaged); {REPREPARE}")
         return out
 
 

@@ -42,18 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 from etils import epath
 
 from flax_gpt import hub, storage
 from flax_gpt.data import synthetic
-from flax_gpt.data.readers import Table, read_file, read_hub, read_saved
+from flax_gpt.data.dataset_folder import is_saved_dataset, readme_configs, snapshot_files
+from flax_gpt.data.readers import LOCAL_SUFFIXES, Table, check_file, read_file, read_hub, read_saved
 from flax_gpt.errors import DataError
 
-LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet", ".txt")
 # A missing name ending so is a mistyped file, never a Hub dataset id (ids may hold dots too).
 FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow")
-SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test", "eval")
 
 
 @dataclass
@@ -89,89 +87,6 @@ class Documents:
 # ---------------------------------------------------------------------------- resolution
 
 
-def _check_suffix(path) -> epath.Path:
-    if epath.Path(str(path)).suffix.lower() not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {epath.Path(str(path)).suffix or '(none)'}; use one of "
-                        f"{', '.join(LOCAL_SUFFIXES)}, or a dataset folder")
-    return epath.Path(str(path))
-
-
-def _is_saved_dataset(folder: epath.Path) -> bool:
-    return (folder / "dataset_dict.json").exists() or (
-        (folder / "state.json").exists() and (folder / "dataset_info.json").exists())
-
-
-def _readme_configs(folder: epath.Path) -> list[dict] | None:
-    """The `configs:` block of a dataset repo's README front matter, if any."""
-    readme = folder / "README.md"
-    if not readme.exists():
-        return None
-    text = readme.read_text()
-    if not text.startswith("---"):
-        return None
-    try:
-        front = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return None
-    configs = front.get("configs") if isinstance(front, dict) else None
-    return configs if isinstance(configs, list) else None
-
-
-def _data_files(folder: epath.Path) -> list[epath.Path]:
-    out = []
-    for p in storage.files_under(folder):
-        rel = str(p)[len(str(folder)):].lstrip("/")
-        if not any(part.startswith(".") for part in rel.split("/")) and p.suffix.lower() in LOCAL_SUFFIXES:
-            out.append(p)
-    return out
-
-
-def _split_of(rel: str) -> str | None:
-    for name in SPLIT_NAMES:
-        if re.search(rf"(^|[-_./]){name}([-_./]|$)", rel):
-            return name
-    return None
-
-
-def _snapshot_files(folder: epath.Path, cfg) -> list[epath.Path]:
-    """The files `datasets.load_dataset(folder, name=hf_name, split=hf_split)` would read."""
-    split = cfg.hf_split.split("[")[0]
-    configs = _readme_configs(folder)
-    if configs:
-        chosen = next((c for c in configs if c.get("config_name") == cfg.hf_name), None) if cfg.hf_name else \
-            next((c for c in configs if c.get("default")), configs[0])
-        if chosen is None:
-            names = [c.get("config_name") for c in configs]
-            raise DataError(f"dataset folder {folder} has no configuration data.hf_name={cfg.hf_name!r}; "
-                            f"it has {names}")
-        spec = chosen.get("data_files", [])
-        entries = [{"split": "train", "path": spec}] if isinstance(spec, (str, list)) and not (
-            isinstance(spec, list) and spec and isinstance(spec[0], dict)) else spec
-        patterns = [e["path"] for e in entries if e.get("split") == split]
-        if not patterns:
-            raise DataError(f"dataset folder {folder} (configuration {chosen.get('config_name')!r}) has no "
-                            f"split {split!r}; it has {[e.get('split') for e in entries]}; set data.hf_split")
-        files = []
-        for pattern in patterns:
-            for pat in ([pattern] if isinstance(pattern, str) else pattern):
-                files += sorted(folder.glob(pat))
-        if not files:
-            raise DataError(f"dataset folder {folder}: the README's data_files for split {split!r} match no files")
-        return [_check_suffix(f) for f in files]
-    files = _data_files(folder)
-    rels = {f: str(f)[len(str(folder)):].lstrip("/") for f in files}
-    named = {f: _split_of(rels[f]) for f in files}
-    if all(s is None for s in named.values()):
-        chosen = files if split == "train" else []
-    else:
-        chosen = [f for f in files if named[f] == split or (split == "validation" and named[f] in ("valid", "val",
-                                                                                                    "dev"))]
-    if not chosen:
-        raise DataError(f"dataset folder {folder} has no data files for split {split!r} (found splits "
-                        f"{sorted({s or 'train' for s in named.values()})}); set data.hf_split")
-    return chosen
-
-
 def resolve_source(source: Any, cfg=None) -> tuple[str, Any]:
     """("synthetic", "synthetic") | ("files", [paths]) | ("saved", folder) | ("hub", id);
     DataError when none fits."""
@@ -201,23 +116,25 @@ def resolve_source(source: Any, cfg=None) -> tuple[str, Any]:
             found = [epath.Path(f"{text.split('://')[0]}://{p}") for p in sorted(fs.glob(text))]
         else:
             found = [epath.Path(p) for p in sorted(globlib.glob(os.path.expanduser(text), recursive=True))]
-        files = [p for p in found if p.is_file()]
+        files = [p for p in found if not p.is_dir()]  # a FIFO among them is refused, not skipped
         if not files:
             raise DataError(f"data.source glob {text!r} matches no files; check the pattern and "
                             "the working directory")
-        return "files", [_check_suffix(p) for p in files]
+        return "files", [check_file(p) for p in files]
     if path.is_dir():
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             return "saved", path
-        if _readme_configs(path) is not None or (path / "data").is_dir():
-            return "files", _snapshot_files(path, cfg or _Split())
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
+        if readme_configs(path) is not None or (path / "data").is_dir():
+            split = cfg or _Split()
+            return "files", snapshot_files(path, split.hf_split, split.hf_name)
+        files = [check_file(p) for p in sorted(path.iterdir()) if p.suffix.lower() in LOCAL_SUFFIXES and
+                 not p.is_dir()]
         if not files:
             raise DataError(f"folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files and is not a dataset "
                             "folder (save_to_disk, or a Hub repo snapshot); point data.source at the files")
         return "files", files
     if path.exists():
-        return "files", [_check_suffix(path)]
+        return "files", [check_file(path)]
     looks_like_file = Path(text).suffix.lower() in FILE_SUFFIXES
     if not remote and hub.is_hub_id(text) and not looks_like_file:
         return "hub", text
