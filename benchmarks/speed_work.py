@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 from flax_gpt.bench.throughput import run_bench
-from flax_gpt.config import load_config
+from flax_gpt.config_files import load_config
 
 VARIANTS = {
     "baseline": [],

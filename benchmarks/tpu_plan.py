@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flax_gpt.bench import tpu_compile  # noqa: E402
-from flax_gpt.config import load_config  # noqa: E402
+from flax_gpt.config_files import load_config  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "tpu_plan.json"
 MODELS = ["distilgpt2", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]

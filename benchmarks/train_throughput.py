@@ -14,7 +14,7 @@ import argparse
 import json
 
 from flax_gpt.bench.throughput import run_bench
-from flax_gpt.config import load_config
+from flax_gpt.config_files import load_config
 
 SYNTH = ["data.source=synthetic", "data.synthetic_docs=2000", "train.progress=false"]
 CPU_SET = [

@@ -124,7 +124,7 @@ def data_section(work: Path, which: str) -> dict:
 
 
 def prepare_data(work: Path, corpus: Path) -> dict:
-    from flax_gpt.config import build_config
+    from flax_gpt.config_files import build_config
     from flax_gpt.data.prepare import prepare_shards
 
     year_csv(corpus, ("2025",), work / "data" / "train_2025.csv")
@@ -211,7 +211,7 @@ def reference_lr(step: int, o: dict) -> float:
 
 def resolved_optim(variant: str, recipe: dict = RECIPE) -> dict:
     """The optim settings flax_gpt will actually use for this variant (preset applied)."""
-    from flax_gpt.config import build_config
+    from flax_gpt.config_files import build_config
 
     return dict(build_config({"optim": optim_section(variant, recipe)}).optim.__dict__)
 
@@ -513,7 +513,7 @@ def cmd_stats(args) -> dict:
         if args.init == "flax":  # flax_gpt's own init of this seed (StateBuilder.fresh), exported
             import jax
 
-            from flax_gpt.config import build_config
+            from flax_gpt.config_files import build_config
             from flax_gpt.model.hf import to_hf_state_dict
             from flax_gpt.train.state import StateBuilder
 
@@ -549,7 +549,7 @@ def cmd_lockstep(args) -> dict:
     import optax
     from transformers import GPT2LMHeadModel
 
-    from flax_gpt.config import build_config
+    from flax_gpt.config_files import build_config
     from flax_gpt.data.loader import TrainLoader
     from flax_gpt.data.shards import open_split
     from flax_gpt.model.hf import to_hf_state_dict

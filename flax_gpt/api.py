@@ -30,7 +30,8 @@ from typing import Callable
 from matplotlib.figure import Figure
 
 from flax_gpt import pipeline, storage
-from flax_gpt.config import Config, build_config, load_config
+from flax_gpt.config import Config
+from flax_gpt.config_files import build_config, load_config
 from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.errors import ConfigError
 from flax_gpt.export.hf_folder import export_run

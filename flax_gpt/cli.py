@@ -18,7 +18,7 @@ import signal
 import sys
 
 from flax_gpt import process
-from flax_gpt.config import config_yaml, explain, load_config
+from flax_gpt.config_files import config_yaml, explain, load_config
 from flax_gpt.errors import ConfigError, UserError
 
 class _Parser(argparse.ArgumentParser):
@@ -98,11 +98,6 @@ def _maybe_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def _progress(line: str) -> None:
-    """Progress of a long verb: on stderr, so stdout stays the verb's result (one JSON object)."""
-    print(line, file=sys.stderr, flush=True)
-
-
 # Each verb imports the library it needs when it runs (deferred: `flax-gpt --help` and argument
 # errors stay instant instead of loading jax and transformers first).
 
@@ -143,7 +138,7 @@ def cmd_eval(args) -> int:
 
     print(json.dumps(pipeline.evaluate(args.run_dir, hf=args.hf, step=args.step, data=args.data,
                                        text_column=args.text_column, template=args.template, seq_len=args.seq_len,
-                                       say=_progress)))
+                                       say=process.progress)))
     return 0
 
 
@@ -209,7 +204,7 @@ def cmd_compile(args) -> int:
         storage.check_writable(args.out, "--out")
     result = compile_for_topology(cfg, args.topology, find_max_batch=args.find_max_batch,
                                   max_compiles=args.max_compiles, time_budget_s=args.time_budget,
-                                  say=lambda line: print(line, file=sys.stderr, flush=True))
+                                  say=process.progress)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

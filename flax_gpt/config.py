@@ -1,26 +1,20 @@
-"""Typed, frozen configuration: YAML presets plus `section.key=value` overrides.
+"""Typed, frozen configuration: the sections and their fields (reading them from YAML and
+`section.key=value` overrides is `config_files.py`).
 
 Every field declares itself once, with `setting(...)`: its default, what it means, whether changing
 it changes what a run computes (`effect="result"`: a run directory refuses the change on resume)
 or only how the run goes (`effect="run"`), its allowed values, and its label in the model card.
 The resume check, the model card and `flax-gpt config --explain` all read that declaration.
 
-Resolution order for every section: dataclass defaults < preset (model/optim only) < YAML file
-< command-line overrides. The resolved config is what gets saved to `RUN_DIR/config.yaml`, so a
-saved config always reloads to exactly the same values. This module never imports jax.
+This module never imports jax.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 
 from flax_gpt.errors import ConfigError
 from flax_gpt.presets import GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHEDULES
@@ -28,9 +22,11 @@ from flax_gpt.presets import GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHE
 RESULT, RUN = "result", "run"
 
 
-def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "") -> Any:
-    """Declare a config field: default, meaning, effect (RESULT or RUN), allowed values, card label."""
-    meta = {"doc": doc, "effect": effect, "choices": tuple(choices), "card": card}
+def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "",
+            legacy: dict | None = None) -> Any:
+    """Declare a config field: default, meaning, effect (RESULT or RUN), allowed values, card label, and
+    `legacy`: values older configs and run directories hold, read as their present equivalents."""
+    meta = {"doc": doc, "effect": effect, "choices": tuple(choices), "card": card, "legacy": legacy or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,11 +48,10 @@ class ModelConfig:
     resid_pdrop: float = setting(0.1, "dropout on each block's residual branch", card="dropout: residual")
     dtype: str = setting("float32", "compute dtype; parameters, optimizer state, softmax and loss stay float32",
                          effect=RUN, choices=("float32", "bfloat16"), card="compute dtype")
-    remat: str = setting("none", "what the backward pass recomputes (less memory, more FLOPs; README); older "
-                         "configs' true/false: full/none", effect=RUN, choices=("none", "minimal", "full"))
-    attention: str = setting("auto", "attention kernel: auto (splash on TPU, cudnn on NVIDIA GPUs when dtype and "
-                             "head size allow, else xla), xla, cudnn or splash (README)", effect=RUN,
-                             choices=("auto", "xla", "cudnn", "splash"))
+    remat: str = setting("none", "what the backward pass recomputes (less memory, more FLOPs; README)", effect=RUN,
+                         choices=("none", "minimal", "full"), legacy={True: "full", False: "none"})
+    attention: str = setting("auto", "attention kernel: auto (splash on TPU, cudnn on NVIDIA GPUs when they apply, "
+                             "else xla), xla, cudnn or splash", effect=RUN, choices=("auto", "xla", "cudnn", "splash"))
     pad_vocab_to: int = setting(0, "pad the embedding's vocab rows to a multiple of this (0 = off); never exported")
     init_from: str = setting("", "start from: Hub id, HF folder or run directory; empty = GPT-2's own init",
                              effect=RUN, card="initialised from")
@@ -269,136 +264,3 @@ def profile_range(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise ConfigError(f"train.profile_steps={text!r} needs 0 <= START < END")
     return start, end
-
-
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Turn a YAML/CLI value into the field's declared type, or fail naming the key."""
-    if typ is Any or value is None:
-        return value
-    if typ is list or typing.get_origin(typ) is list:
-        return list(value) if isinstance(value, (list, tuple)) else [value]
-    if isinstance(typ, types.UnionType):
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} expects true/false (got {value!r})")
-    try:
-        if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return ("full" if value else "none") if isinstance(value, bool) and key == "model.remat" else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {typ.__name__} (got {value!r})") from None
-    return value
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 without its base-60 numbers, so `train.profile_steps=2:4` stays "2:4" (not 124)."""
-
-    def resolve(self, kind, value, implicit):
-        tag = super().resolve(kind, value, implicit)
-        return "tag:yaml.org,2002:str" if ":" in str(value) and tag.endswith((":int", ":float")) else tag
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
-
-
-def _parse_override(text: str) -> tuple[str, str, Any]:
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r} is not section.key=value (e.g. train.steps=20)")
-    path, raw = text.split("=", 1)
-    section, key = path.split(".", 1)
-    try:  # YAML scalars: numbers, true/false, lists, quoted strings ("{title}\n{abstract}")
-        value = _yaml(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw  # anything else is taken as the plain string it is
-    return section, key, value
-
-
-def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Resolve a nested dict (as read from YAML) plus `section.key=value` overrides."""
-    raw = dict(raw or {})
-    for section, values in raw.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section '{section}'{_closest(str(section), list(SECTIONS))}")
-        if values is not None and not isinstance(values, dict):
-            raise ConfigError(f"config section '{section}' must be a mapping of keys (got "
-                              f"{type(values).__name__} {values!r}); write e.g. '{section}:' then 'key: value' lines")
-    raw = {k: dict(v or {}) for k, v in raw.items()}
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown config section '{section}'{_closest(section, list(SECTIONS))}")
-        raw.setdefault(section, {})[key] = value
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name, {})
-        hints = typing.get_type_hints(cls)
-        for key in values:
-            if key not in hints:
-                options = [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
-                raise ConfigError(f"unknown config key '{name}.{key}'{_closest(f'{name}.{key}', options)}")
-        if name in PRESETS:
-            preset = values.get("preset", cls.preset)
-            if preset not in PRESETS[name]:
-                raise ConfigError(f"{name}.preset={preset!r} is not one of {', '.join(PRESETS[name])}")
-            values = {**PRESETS[name][preset], **values}
-        sections[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
-    return Config(**sections).validate()
-
-
-def config_from_yaml(text: str, where: str, overrides: list[str] | tuple = ()) -> Config:
-    """A YAML document (a config file, a run's config.yaml) plus overrides -> Config; `where` names it."""
-    try:
-        raw = _yaml(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must hold a mapping of sections (model:, data:, train: ...)")
-    return build_config(raw, overrides)
-
-
-def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
-    """Load a YAML config file (or only defaults when path is None) and apply overrides."""
-    if path is None:
-        return build_config({}, overrides)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}; pass a YAML file such as configs/tiny.yaml")
-    return config_from_yaml(p.read_text(encoding="utf-8"), f"config file {p}", overrides)
-
-
-def config_yaml(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def explain(config: Config) -> str:
-    """`flax-gpt config --explain`: every key, its value here, its default, its effect and meaning."""
-    default = Config()
-    lines = []
-    for name, section, f, value in config.items():
-        base = getattr(getattr(default, section), f.name)
-        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        note = "" if value == base else f"  (default {base!r})"
-        choices = f" [{' | '.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        effect = "result" if f.metadata["effect"] == RESULT else "run   "
-        lines.append(f"{name:<30} {shown:<22} {effect}  {f.metadata['doc']}{choices}{note}")
-    head = ("key                            value                  effect  meaning\n"
-            "(effect: 'result' changes what a run computes, so a run directory refuses a change on resume; "
-            "'run' changes only how it runs)")
-    return head + "\n" + "\n".join(lines)

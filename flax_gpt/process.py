@@ -110,6 +110,11 @@ def interrupted(e: BaseException) -> bool:
     return False
 
 
+def progress(line: str) -> None:
+    """A progress line of a long verb, on stderr and flushed at once: stdout keeps the verb's result."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def wait_interruptibly(fn, *args, **kwargs):
     """fn(*args, **kwargs), run in a worker thread while the main thread waits for it.
 

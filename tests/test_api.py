@@ -17,7 +17,7 @@ from matplotlib.image import imread
 from conftest import ROOT, TRAINED_OVERRIDES
 from test_publish import SECRET, hub_server  # noqa: F401 - the stand-in Hub (a fixture) and its token
 from flax_gpt import api, cli
-from flax_gpt.config import config_yaml
+from flax_gpt.config_files import config_yaml
 from flax_gpt.data.shards import read_manifest
 from flax_gpt.errors import ConfigError, DataError
 from flax_gpt.report.plots import save

@@ -207,7 +207,7 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
         import json
         import re
         from flax_gpt.bench.tpu_compile import topology_devices
-        from flax_gpt.config import load_config
+        from flax_gpt.config_files import load_config
         from flax_gpt.train.state import StateBuilder
         cfg = load_config("configs/tiny.yaml", ["model.attn_pdrop=0", "model.dtype=bfloat16", "data.seq_len=256",
                                                 "model.n_positions=256", "data.document_mask=true"])

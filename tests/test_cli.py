@@ -12,7 +12,7 @@ import pytest
 
 from flax_gpt import storage
 from flax_gpt.cli import main, parse_args
-from flax_gpt.config import load_config
+from flax_gpt.config_files import load_config
 from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.pipeline import check_outputs
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flax_gpt.config import RESULT, RUN, SECTIONS, Config, ModelConfig, build_config
+from flax_gpt.config import RESULT, RUN, SECTIONS, Config, ModelConfig
+
+from flax_gpt.config_files import build_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.export.card import card_settings
 from flax_gpt.model.flops import param_count
@@ -91,7 +93,7 @@ def test_bad_configs_are_one_clear_error(raw, needle):
 
 def test_colon_values_stay_text_in_overrides_and_files(tmp_path):
     """YAML 1.1 reads 2:4 as the base-60 number 124; a START:END setting must stay what was typed."""
-    from flax_gpt.config import load_config
+    from flax_gpt.config_files import load_config
 
     assert build_config({}, ["train.profile_steps=2:4"]).train.profile_steps == "2:4"
     f = tmp_path / "c.yaml"

@@ -120,7 +120,7 @@ def test_unknown_config_key_names_the_closest(tmp_path):
 
 
 def test_overrides_take_yaml_values_and_plain_strings():
-    from flax_gpt.config import build_config
+    from flax_gpt.config_files import build_config
 
     cfg = build_config({}, ['data.template="{title}\\n{abstract}"', "data.text_column={weird", "train.steps=7",
                             'data.source=["a.csv", "b.csv"]'])

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import TRAINED_OVERRIDES
 from flax_gpt import cli
-from flax_gpt.config import build_config
+from flax_gpt.config_files import build_config
 from flax_gpt.train.metrics import WANDB_ID_FILE, MetricsWriter, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -187,7 +187,7 @@ def test_the_models_loss_matches_full_logits_with_the_document_mask():
 
 
 def _compile_train_step(monkeypatch, full_logits: bool):
-    from flax_gpt.config import load_config
+    from flax_gpt.config_files import load_config
     from flax_gpt.train.state import StateBuilder
 
     if full_logits:  # the same step with today's loss

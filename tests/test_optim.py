@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_gpt.config import OptimConfig, build_config
+from flax_gpt.config import OptimConfig
+
+from flax_gpt.config_files import build_config
 from flax_gpt.train.optim import build_optimizer, decay_mask, make_schedule
 
 STEPS = np.unique(np.concatenate([np.arange(0, 40), np.arange(0, 5000, 37), [999, 1000, 1001, 4999]]))

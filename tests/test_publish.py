@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flax_gpt.config import build_config
+from flax_gpt.config_files import build_config
 from flax_gpt.errors import HFError
 from flax_gpt.export.card import model_card
 from flax_gpt.export.hub import push_to_hub

@@ -13,7 +13,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals  # what a backward pass keeps; no public equivalent
 
 from conftest import tiny_model_config
-from flax_gpt.config import config_from_yaml, config_yaml, load_config
+from flax_gpt.config_files import config_from_yaml, config_yaml, load_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, init_params
 from flax_gpt.train.run_dir import check_resume_compatible, read_run_config

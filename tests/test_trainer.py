@@ -138,7 +138,7 @@ def test_state_shardings_are_derived_and_preserved(shards, tmp_path):
     """Output shardings of the jitted step equal its input shardings (run in an 8-device process)."""
     code = f"""
 import jax, json
-from flax_gpt.config import load_config
+from flax_gpt.config_files import load_config
 from flax_gpt.train.state import StateBuilder
 from flax_gpt.train.inputs import open_splits
 cfg = load_config({str(ROOT / 'configs' / 'tiny.yaml')!r}, {BASE!r} + ["data.shards_dir={shards}",
@@ -170,7 +170,7 @@ def test_fsdp_keeps_the_batch_split_and_the_state_donated():
     and the state is donated (updated in place) in both."""
     code = f"""
 import json
-from flax_gpt.config import load_config
+from flax_gpt.config_files import load_config
 from flax_gpt.train.state import StateBuilder
 out = {{}}
 for mesh in (["mesh.data=4"], ["mesh.data=1", "mesh.fsdp=4"]):

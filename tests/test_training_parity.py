@@ -86,7 +86,7 @@ def setup(tmp_path_factory):
 
 
 def _config(root, name: str, variant: dict):
-    from flax_gpt.config import build_config
+    from flax_gpt.config_files import build_config
 
     optim = {k: v for k, v in OPTIM.items()
              if not (variant.get("optim", {}).get("preset") == "keras" and k in ("eps", "clip_norm", "warmup_steps"))}

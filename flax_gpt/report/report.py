@@ -25,6 +25,7 @@ from flax_gpt import storage
 from flax_gpt.data.shards import open_split, read_manifest
 from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import CheckpointError, ConfigError
+from flax_gpt.process import progress
 from flax_gpt.generate import load_model
 from flax_gpt.report.plots import (cloud_image, plot_clouds, plot_corpus, plot_loss, plot_lr, plot_perplexity,
                                    plot_throughput, slug)
@@ -167,11 +168,6 @@ class Phases:
         self.say(f"report [{time.perf_counter() - self.t0:6.1f} s]: {what}")
 
 
-def say_stderr(line: str) -> None:
-    """Progress goes to stderr, flushed at once: stdout keeps only the verb's result."""
-    print(line, file=sys.stderr, flush=True)
-
-
 def sample_texts(run_dir: Path, prompts: Sequence[str], samples: int, max_new_tokens: int, seed: int,
                  *, progress: bool) -> dict[str, list[str]]:
     """{prompt: continuations}, one generate call per prompt so the bar can count samples (prompts
@@ -189,7 +185,7 @@ def sample_texts(run_dir: Path, prompts: Sequence[str], samples: int, max_new_to
 
 
 def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
-                 prompts: Sequence[str] = DEFAULT_PROMPTS, say=say_stderr, progress: bool = True) -> Path:
+                 prompts: Sequence[str] = DEFAULT_PROMPTS, say=progress, progress: bool = True) -> Path:
     """Write RUN_DIR/report/{*.png, index.html, summary.json}; return the index.html path.
 
     `samples` continuations of `max_new_tokens` per prompt (0: none). Parts whose inputs are missing

@@ -19,7 +19,8 @@ from pathlib import Path
 import jax
 
 from flax_gpt import storage
-from flax_gpt.config import RESULT, Config, ModelConfig, config_from_yaml, config_yaml
+from flax_gpt.config import RESULT, Config, ModelConfig
+from flax_gpt.config_files import config_from_yaml, config_yaml
 from flax_gpt.data.shards import MANIFEST_NAME, read_manifest
 from flax_gpt.errors import CheckpointError, ConfigError, OutputError, UserError
 from flax_gpt.train.checkpoint import Checkpointer
