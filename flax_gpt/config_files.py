@@ -3,16 +3,16 @@
 
 Resolution order for every section: dataclass defaults < preset (model/optim only) < YAML file
 < command-line overrides. The resolved config is what gets saved to `RUN_DIR/config.yaml`, so a
-saved config always reloads to exactly the same values. Every value is turned into its field's
-declared type here, and an unknown key is an error naming the closest valid one.
+saved config always reloads to exactly the same values. An unknown key is an error naming the
+closest valid one; each value is then checked against its field's declaration (type, range, choices)
+and typed by `Config.validate()`, so a file, an override and a `Config` built in code meet one check.
+A YAML document is read strictly: a key given twice, or a file that is not UTF-8, is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,49 +27,30 @@ def _closest(name: str, options: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _coerce(key: str, value: Any, typ: Any, legacy: dict) -> Any:
-    """Turn a YAML/CLI value into the field's declared type (an older value into its present
-    equivalent, as the field declares), or fail naming the key."""
-    if isinstance(value, bool) and value in legacy:
-        return legacy[value]
-    if typ is Any or value is None:
-        return value
-    if typ is list or typing.get_origin(typ) is list:
-        return list(value) if isinstance(value, (list, tuple)) else [value]
-    if isinstance(typ, types.UnionType):
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} expects true/false (got {value!r})")
-    try:
-        if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} expects {typ.__name__} (got {value!r})") from None
-    return value
-
-
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 without its base-60 numbers, so `train.profile_steps=2:4` stays "2:4" (not 124)."""
+    """YAML 1.1 without its base-60 numbers, so `train.profile_steps=2:4` stays "2:4" (not 124), and
+    without silently keeping the last of a key given twice."""
 
     def resolve(self, kind, value, implicit):
         tag = super().resolve(kind, value, implicit)
         return "tag:yaml.org,2002:str" if ":" in str(value) and tag.endswith((":int", ":float")) else tag
 
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` is overridden on purpose; a non-scalar key fails in YAML's own check
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -81,6 +62,8 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         value = _yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw  # anything else is taken as the plain string it is
+    if isinstance(value, dict):  # no setting takes a mapping: {abstract} is a template's text
+        value = raw
     return section, key, value
 
 
@@ -102,18 +85,17 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name, {})
-        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
         for key in values:
-            if key not in hints:
+            if key not in names:
                 options = [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
                 raise ConfigError(f"unknown config key '{name}.{key}'{_closest(f'{name}.{key}', options)}")
         if name in PRESETS:
             preset = values.get("preset", cls.preset)
-            if preset not in PRESETS[name]:
+            if not isinstance(preset, str) or preset not in PRESETS[name]:
                 raise ConfigError(f"{name}.preset={preset!r} is not one of {', '.join(PRESETS[name])}")
             values = {**PRESETS[name][preset], **values}
-        legacy = {f.name: f.metadata.get("legacy", {}) for f in dataclasses.fields(cls)}
-        sections[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k], legacy[k]) for k, v in values.items()})
+        sections[name] = cls(**values)  # as given: validate() checks and types every value
     return Config(**sections).validate()
 
 
@@ -135,7 +117,13 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}; pass a YAML file such as configs/tiny.yaml")
-    return config_from_yaml(p.read_text(encoding="utf-8"), f"config file {p}", overrides)
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8") from None
+    return config_from_yaml(text, f"config file {p}", overrides)
 
 
 def config_yaml(config: Config) -> str:
@@ -151,6 +139,7 @@ def explain(config: Config) -> str:
         shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         note = "" if value == base else f"  (default {base!r})"
         choices = f" [{' | '.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        choices += f"; valid: {f.metadata['valid']}" if f.metadata["valid"] else ""
         effect = "result" if f.metadata["effect"] == RESULT else "run   "
         lines.append(f"{name:<30} {shown:<22} {effect}  {f.metadata['doc']}{choices}{note}")
     head = ("key                            value                  effect  meaning\n"
