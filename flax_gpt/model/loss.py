@@ -18,6 +18,11 @@ which computes the loss alone.
 Padded vocabulary rows (`model.pad_vocab_to`) get a logit of -1e30: exp() of it is exactly 0, so
 they carry no probability and no gradient, as in `GPT2.logits`.
 
+On a TPU `cross_entropy_sums` runs the fused Pallas kernels of `loss_kernel.py` instead (same
+numbers: float32-accumulated tile products, dlogits rounded to the compute dtype), which keep the
+logits in VMEM: the loop's per-chunk head reads and (V,D) accumulator updates cost a bandwidth-bound
+TPU step GBs of HBM traffic. Elsewhere (CPU, GPU) this loop runs.
+
 On a mesh the chunk keeps the sharding the full logits have (`sharding.ACTIVATIONS["logits"]`:
 batch over the batch axes, V over the tensor axis). dE is a sum over tokens, which are split over
 the batch axes: accumulated into one (V,D) it would be reduced across devices once per chunk, so
@@ -35,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from flax_gpt.model import loss_kernel
+from flax_gpt.model.attention import traced_device
 from flax_gpt.sharding import ACTIVATIONS
 
 # Float32 logits of one chunk, per device: the largest chunk-sized buffer, of which three or four
@@ -197,17 +204,97 @@ def _weighted_nll_sum_bwd(plan, res, g):
 _weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 
 
+def _per_device(f, args, in_specs, out_specs):
+    """f on each device's own shards (a Mosaic kernel cannot be split by XLA), or f itself off a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return f(*args)
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
+def _batch_axis_names(batch_axes) -> tuple:
+    return tuple(a for a in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)) if a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_nll_sum(h, embedding, targets, weights, vocab_size: int, interpret: bool):
+    """sum(weights * NLL) by the Pallas kernels of `loss_kernel` (forward only: evaluation)."""
+    return _fused_fwd(h, embedding, targets, weights, vocab_size, interpret)[0]
+
+
+def _fused_fwd(h, embedding, targets, weights, vocab_size, interpret):
+    D = h.shape[-1]
+    e = _compute_embedding(embedding, h.dtype)
+    batch = _layout()[2]
+
+    def local(h, e, t):
+        lse, tgt = loss_kernel.forward(h.reshape(-1, D), e, t.reshape(-1), vocab_size=vocab_size, interpret=interpret)
+        return lse.reshape(t.shape), tgt.reshape(t.shape)
+
+    lse, tgt = _per_device(local, (h, e, targets), (P(batch, None, None), P(None, None), P(batch, None)),
+                           (P(batch, None),) * 2)
+    nll = lse - tgt
+    return jnp.sum(nll * weights), (h, e, targets, weights, lse, nll)
+
+
+def _fused_bwd(vocab_size, interpret, res, g):
+    h, e, targets, weights, lse, nll = res
+    D = h.shape[-1]
+    batch = _layout()[2]
+    names = _batch_axis_names(batch)
+
+    def local(h, e, t, lse, w):
+        x, t, lse, w = h.reshape(-1, D), t.reshape(-1), lse.reshape(-1), w.reshape(-1)
+        dh = loss_kernel.grad_h(x, e, t, lse, w, vocab_size=vocab_size, interpret=interpret).reshape(h.shape)
+        de = loss_kernel.grad_head(x, e, t, lse, w, vocab_size=vocab_size, interpret=interpret)
+        return dh, de[None]  # each device's dE, over its own tokens
+
+    row = P(batch, None)
+    dh, de = _per_device(local, (h, e, targets, lse, weights * g), (P(batch, None, None), P(None, None), row, row, row),
+                         (P(batch, None, None), P(names or None, None, None)))
+    # Summed across the batch shards outside the kernels' shard_map, where XLA sees a gradient of
+    # partial sums like the embedding lookup's and reduces them together.
+    return dh, jnp.sum(de, axis=0), None, g * nll
+
+
+_fused_nll_sum.defvjp(_fused_fwd, _fused_bwd)
+
+
+def choose_kernel(kernel: str, *, platform: str, B: int, T: int, batch_shards: int, vocab_shards: int,
+                  interpret: bool = False) -> str:
+    """`pallas` (the fused kernels of `loss_kernel`) or `chunked` (this module's loop) for `kernel`
+    = auto | pallas | chunked. auto: pallas on a TPU when each device holds whole rows, the
+    vocabulary is not split over devices and its tokens tile into the kernel's blocks, else chunked."""
+    fits = vocab_shards == 1 and B % batch_shards == 0 and loss_kernel.token_block(B // batch_shards * T) is not None
+    if kernel == "chunked" or (kernel == "auto" and not (platform == "tpu" and fits)):
+        return "chunked"
+    if not fits:
+        raise ValueError(f"the fused loss kernel needs whole rows per device, an unsplit vocabulary and a multiple "
+                         f"of {loss_kernel.LANES} tokens per device (got B={B}, T={T}, {batch_shards} batch shards, "
+                         f"{vocab_shards} vocab shards)")
+    if platform != "tpu" and not interpret:
+        raise ValueError("the fused loss kernel needs a TPU (or interpret=True)")
+    return "pallas"
+
+
 def cross_entropy_sums(h: jax.Array, embedding: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                       vocab_size: int, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+                       vocab_size: int, chunk: int | None = None, kernel: str = "auto",
+                       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum over tokens of mask * NLL(target | h), sum of mask), both float32.
 
     h (B,T,D) final hidden states in the compute dtype; embedding (V_padded,D) the tied head's
     float32 parameters (cast to h's dtype for the matmuls); targets (B,T) int; mask (B,T). Only
-    the first `vocab_size` rows of the head are candidates. `chunk` (positions of T per loop step)
-    defaults to what `LOGITS_CHUNK_BYTES` allows. Differentiable in h, embedding and mask.
+    the first `vocab_size` rows of the head are candidates. `kernel` (`choose_kernel`): on a TPU
+    the fused Pallas kernels, elsewhere the chunked loop, whose `chunk` (positions of T per loop
+    step) defaults to what `LOGITS_CHUNK_BYTES` allows; `interpret` runs the kernels in Pallas'
+    interpreter (tests on CPU). Differentiable in h, embedding and mask.
     """
     B, T, _ = h.shape
     S, tp, _, _ = _layout()
-    plan = plan_chunks(B, T, embedding.shape[0], vocab_size, chunk=chunk, batch_shards=S, vocab_shards=tp)
     mask = mask.astype(jnp.float32)
+    chosen = choose_kernel(kernel, platform=traced_device()[0], B=B, T=T, batch_shards=S, vocab_shards=tp,
+                           interpret=interpret)
+    if chosen == "pallas":
+        return _fused_nll_sum(h, embedding, targets, mask, vocab_size, interpret), jnp.sum(mask)
+    plan = plan_chunks(B, T, embedding.shape[0], vocab_size, chunk=chunk, batch_shards=S, vocab_shards=tp)
     return _weighted_nll_sum(h, embedding, targets, mask, plan), jnp.sum(mask)
