@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +231,26 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
     assert res["attention"] == "auto" and res["mosaic"] >= 3, res
     assert res["kernels"] == ["splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals",
                               "splash_mha_fwd_segmented_residuals"], res
+
+
+def test_head_major_projections_are_hf_conv1d_laid_out_for_the_kernel():
+    """gpt2.HeadsConv1D (the splash path's c_attn and c_proj) takes Conv1D's own parameters and
+    gives the same products, only with heads as axes: c_attn's q|k|v as (3,B,H,T,K), c_proj
+    reading (B,H,T,K). Values agree to float32 summation order."""
+    from flax_gpt.model.gpt2 import Conv1D, HeadsConv1D
+
+    B_, T_, H_, K_ = 2, 8, 4, 16
+    D = H_ * K_
+    x = jax.random.normal(jax.random.key(0), (B_, T_, D))
+    plain = Conv1D(3 * D, ("embed", "qkv"), jnp.float32)
+    params = plain.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), nn.unbox(params))
+    qkv = plain.apply(params, x).reshape(B_, T_, 3, H_, K_).transpose(2, 0, 3, 1, 4)
+    q, k, v = HeadsConv1D(3 * D, ("embed", "qkv"), jnp.float32, H_, first_scale=0.25).apply(params, x)
+    np.testing.assert_allclose(np.asarray(jnp.stack([q / 0.25, k, v])), np.asarray(qkv), rtol=1e-5, atol=1e-5)
+    o = jax.random.normal(jax.random.key(3), (B_, H_, T_, K_))
+    proj = Conv1D(D, ("heads", "embed"), jnp.float32)
+    pp = jax.tree.map(lambda p: p + 0.1, nn.unbox(proj.init(jax.random.key(4), x)))
+    want = proj.apply(pp, o.transpose(0, 2, 1, 3).reshape(B_, T_, D))
+    got = HeadsConv1D(D, ("heads", "embed"), jnp.float32, H_).apply(pp, o)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -145,16 +145,32 @@ def _splash(q, k, v, segment_ids, *, interpret: bool) -> jax.Array:
                          check_vma=False)(q, k, v, segment_ids)
 
 
+def kernel_for(kernel: str, *, dtype, K: int, T: int, interpret: bool = False) -> str:
+    """`choose_kernel` for the devices being traced for."""
+    platform, device_kind = traced_device()
+    return choose_kernel(kernel, platform=platform, device_kind=device_kind, dtype=dtype, K=K, T=T,
+                         interpret=interpret)
+
+
+def splash_heads_major(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
+                       q_scaled: bool = False, interpret: bool = False) -> jax.Array:
+    """Causal splash attention on head-major (B,H,T,K) q, k, v -> (B,H,T,K), the layout the kernel
+    reads and writes: a model that projects straight into it (`gpt2.HeadsConv1D`) moves no
+    activation between layouts. Splash does not scale the scores: q is scaled by 1/sqrt(K) here
+    unless `q_scaled` says its projection did (exact for K=64: 1/8)."""
+    if not q_scaled:
+        q = q * jnp.asarray(1 / math.sqrt(q.shape[-1]), q.dtype)
+    return _splash(q, k, v, segment_ids, interpret=interpret)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
            kernel: str = "auto", interpret: bool = False) -> jax.Array:
     """Causal self-attention (B,T,H,K) -> (B,T,H,K), within documents when segment_ids (B,T) are given.
 
     `interpret=True` runs the splash kernel in Pallas' interpreter (tests on CPU).
     """
-    T, K = q.shape[1], q.shape[3]
-    platform, device_kind = traced_device()
-    chosen = choose_kernel(kernel, platform=platform, device_kind=device_kind, dtype=q.dtype, K=K, T=T,
-                           interpret=interpret)
+    T = q.shape[1]
+    chosen = kernel_for(kernel, dtype=q.dtype, K=q.shape[3], T=T, interpret=interpret)
     if chosen == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=causal_mask(T, segment_ids), implementation="xla")
     if chosen == "cudnn":
@@ -166,9 +182,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
         # bound on documents per row; it is left until a GPU can check it against this path.
         mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-    # Splash does not scale the scores: scale q (exact for K=64: 1/8), in the same elementwise
-    # pass as q's transpose to the head-major (B,H,T,K) layout the kernel reads.
-    scale = jnp.asarray(1 / math.sqrt(K), q.dtype)
-    heads_major = lambda t: t.transpose(0, 2, 1, 3)
-    out = _splash(heads_major(q * scale), heads_major(k), heads_major(v), segment_ids, interpret=interpret)
+    heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    out = splash_heads_major(heads_major(q), heads_major(k), heads_major(v), segment_ids=segment_ids,
+                             interpret=interpret)
     return heads_major(out)

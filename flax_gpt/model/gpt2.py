@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from flax_gpt.config import ModelConfig
 from flax_gpt.errors import ConfigError
-from flax_gpt.model.attention import attend, causal_mask
+from flax_gpt.model.attention import attend, causal_mask, kernel_for, splash_heads_major
 from flax_gpt.sharding import constrain
 
 Cache = tuple  # one {"k": (B,H,K,S), "v": (B,H,S,K)} dict per layer
@@ -89,6 +89,39 @@ class Conv1D(nn.Module):
         return y + bias.astype(self.dtype)
 
 
+class HeadsConv1D(nn.Module):
+    """HF's Conv1D, the same parameters, on head-major activations: (B,T,D) in and C projections
+    (C,B,H,T,K) out (c_attn: C=3, q|k|v), or (B,H,T,K) in and (B,T,features) out (c_proj). The
+    heads are axes of the products themselves (the kernel viewed as (D,C,H,K) or (H,K,D)), so the
+    compiler lays them out where the attention kernel wants them instead of copying activations
+    between (B,T,H,K) and (B,H,T,K) around every call, forward and backward."""
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Any
+    n_head: int
+    std: float = 0.02
+    first_scale: float = 1.0  # times the first projection (c_attn: q, by splash's 1/sqrt(K))
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(self.std)
+        bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
+        H = self.n_head
+        if x.ndim == 3:
+            D = x.shape[-1]
+            C, K = self.features // D, D // H
+            kernel = _param(self, "kernel", init, (D, self.features), self.axes).astype(self.dtype)
+            w, b = kernel.reshape(D, C, H, K), bias.reshape(C, H, 1, K)
+            if self.first_scale != 1:  # folded into the weights, not a pass over the activations
+                w, b = w.at[:, 0].multiply(self.first_scale), b.at[0].multiply(self.first_scale)
+            y = jnp.einsum("btd,dchk->cbhtk", x.astype(self.dtype), w) + b[:, None]
+            return tuple(y[c] for c in range(C))
+        _, _, _, K = x.shape
+        kernel = _param(self, "kernel", init, (H * K, self.features), self.axes).astype(self.dtype)
+        return jnp.einsum("bhtk,hkf->btf", x.astype(self.dtype), kernel.reshape(H, K, self.features)) + bias
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with statistics in float32 whatever the compute dtype (bf16 variance is too coarse)."""
 
@@ -111,12 +144,26 @@ class Attention(nn.Module):
     cfg: ModelConfig
     transposed_kernels: bool = False
 
+    def _splash(self, layer_cache, deterministic: bool, dtype, K: int, T: int) -> bool:
+        """Training or evaluation on the splash kernel (not decoding, not attention dropout, not
+        init, which runs the XLA path once for parameter shapes)."""
+        if layer_cache is not None or self.is_initializing() or (self.cfg.attn_pdrop > 0 and not deterministic):
+            return False
+        return kernel_for(self.cfg.attention, dtype=dtype, K=K, T=T) == "splash"
+
     @nn.compact
     def __call__(self, x, mask, deterministic: bool, layer_cache=None, cache_index=None, segment_ids=None):
         cfg, dtype, tk = self.cfg, _dtype(self.cfg.dtype), self.transposed_kernels
         B, T, D = x.shape
         H = cfg.n_head
         K = D // H
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        if self._splash(layer_cache, deterministic, dtype, K, T):
+            # Splash reads and writes (B,H,T,K): project straight into and out of that layout.
+            q, k, v = HeadsConv1D(3 * D, (EMBED, QKV), dtype, H, first_scale=1 / math.sqrt(K), name="c_attn")(x)
+            out = splash_heads_major(q, k, v, segment_ids=segment_ids, q_scaled=True)
+            out = HeadsConv1D(D, (HEADS_OUT, EMBED), dtype, H, std=proj_std, name="c_proj")(out)
+            return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic), None
         qkv = Conv1D(3 * D, (EMBED, QKV), dtype, transposed=tk, name="c_attn")(x)  # (B,T,3D) as [q | k | v]
         q, k, v = (t.reshape(B, T, H, K) for t in jnp.split(qkv, 3, axis=-1))
         new_cache = None
@@ -156,8 +203,7 @@ class Attention(nn.Module):
             kernel = "xla" if self.is_initializing() else cfg.attention
             out = attend(q, k.astype(dtype), v.astype(dtype), segment_ids=segment_ids, kernel=kernel)
         out = out.reshape(B, T, D)
-        out = Conv1D(D, (HEADS_OUT, EMBED), dtype, std=0.02 / math.sqrt(2 * cfg.n_layer), transposed=tk,
-                     name="c_proj")(out)
+        out = Conv1D(D, (HEADS_OUT, EMBED), dtype, std=proj_std, transposed=tk, name="c_proj")(out)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
         return out, new_cache
 
