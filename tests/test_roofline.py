@@ -106,6 +106,9 @@ def test_what_cost_analysis_leaves_out_is_read_from_the_module():
     assert (h["kernels"], h["kernel_calls"]) == (3 * mib2, 1)
     # 7 trips after the first: the fusion reads x, w and writes y; the counter reads 2 and writes 1 s32
     assert (h["loops"], h["loops_found"], h["loops_unresolved"]) == (7 * (3 * mib2 + 12), 1, 0)
+    # a counter stepping by 2 (XLA's bidirectional windowed einsums over an FSDP axis): 4 trips
+    h = hidden_bytes(HLO.replace("%one = s32[]{:T(128)} constant(1)", "%one = s32[]{:T(128)} constant(2)"))
+    assert (h["loops"], h["loops_unresolved"]) == (3 * (3 * mib2 + 12), 0)
     # a loop whose trip count the text does not give is left as XLA counted it
     h = hidden_bytes(HLO.replace("compare(%j, %limit)", "compare(%j, %j)"))
     assert (h["loops"], h["loops_found"], h["loops_unresolved"]) == (0, 1, 1)

@@ -4,8 +4,9 @@ XLA's `cost_analysis()` of a compiled TPU program leaves work out (checked with 
 
 - a Pallas/Mosaic kernel (a custom call "tpu_custom_call", e.g. splash attention) counts no FLOPs
   and no bytes unless the kernel carries a `pl.CostEstimate`, which is then taken as given;
-- a while loop's body (a `jax.lax.fori_loop`, e.g. a loss taken chunk by chunk) counts once,
-  whatever its trip count: 8 matmuls in a loop of 8 count as one.
+- a while loop's body (a `jax.lax.fori_loop`, e.g. a loss taken chunk by chunk, or the windowed
+  einsum loops XLA makes of matmuls over an FSDP-sharded dimension) counts once, whatever its trip
+  count: 8 matmuls in a loop of 8 count as one.
 
 So the estimate takes the larger of XLA's FLOPs and the model formula's (`flops.flops_per_token`,
 which counts attention and every matmul), and adds to XLA's bytes what `hidden_bytes` reads from
@@ -100,8 +101,9 @@ def hidden_bytes(hlo: str) -> dict:
         return int(op.args) if op is not None and op.opcode == "constant" and re.fullmatch(r"-?\d+", op.args) else None
 
     def trips(loop: _Op) -> int | None:
-        """A jax.lax.fori_loop's shape: counter at tuple index k starts at a constant, the body adds
-        1, the condition is counter < constant."""
+        """A counted loop's shape: counter at tuple index k starts at a constant, the body adds a
+        positive constant (1 in a jax.lax.fori_loop; 2 in XLA's bidirectional windowed einsums,
+        which an FSDP mesh makes of the weight-gradient matmuls), the condition is counter < constant."""
         cond, body = (comps.get(_attr(loop.attrs, key), []) for key in ("condition", "body"))
         root = next((op for op in cond if op.root), None)
         if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
@@ -114,9 +116,11 @@ def hidden_bytes(hlo: str) -> dict:
             return None
         k = int(k.group(1))
         start, step = const(init.operands[k]), defs.get(out.operands[k])
-        if start is None or step is None or step.opcode != "add" or 1 not in [const(o) for o in step.operands]:
+        stride = max([c for c in map(const, step.operands) if c is not None], default=0) \
+            if step is not None and step.opcode == "add" else 0
+        if start is None or stride <= 0:
             return None
-        return max(limit - start, 0)
+        return max(-(-(limit - start) // stride), 0)
 
     def is_kernel(op: _Op) -> bool:
         return op.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in op.attrs \
