@@ -203,7 +203,8 @@ def test_an_explicit_kernel_refuses_attention_dropout():
 @pytest.mark.skipif(not os.path.isfile(LIBTPU), reason="FLAX_GPT_TEST_LIBTPU (a libtpu.so) not set")
 def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
     """On a CPU host, the step traced for compile-only TPU devices takes splash (a Mosaic custom
-    call in the lowered module) with the document mask, and XLA:TPU compiles it."""
+    call in the lowered module) with the document mask, and XLA:TPU compiles it without copying
+    q, k, v or the attention output between layouts."""
     script = textwrap.dedent("""
         import json
         import re
@@ -216,9 +217,16 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
         b = StateBuilder(cfg, 10, devices=devices)
         lowered = b.step_fn.lower(b.abstract, b.abstract_batch())
         text = lowered.as_text()
-        lowered.compile()
+        compiled = lowered.compile().as_text()
         kernels = sorted({n for n in re.findall(r"splash_mha_\\w+", text)})
-        print(json.dumps({"mosaic": text.count("tpu_custom_call"), "kernels": kernels, "attention": cfg.model.attention}))
+        # copies the compiled step runs outside fusions (the entry computation), by output dims
+        entry = compiled[compiled.index("ENTRY"):]
+        entry = entry[:entry.index("\\n}")]
+        copies = [sorted(map(int, d.split(","))) for d in re.findall(r"= \\w+\\[([\\d,]+)\\]\\S* copy\\(", entry)]
+        m = cfg.model
+        qkv = sorted([cfg.train.batch_size // len(devices), m.n_head, cfg.data.seq_len, m.n_embd // m.n_head])
+        print(json.dumps({"mosaic": text.count("tpu_custom_call"), "kernels": kernels, "attention": cfg.model.attention,
+                          "qkv_copies": sum(c == qkv for c in copies), "copies": len(copies)}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
     env.update(JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=LIBTPU)
@@ -231,6 +239,9 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
     assert res["attention"] == "auto" and res["mosaic"] >= 3, res
     assert res["kernels"] == ["splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals",
                               "splash_mha_fwd_segmented_residuals"], res
+    # q, k, v and the output reach and leave the kernel in its head-major layout: not one
+    # activation of theirs is copied between layouts (before the head-major projections: 4+ per layer)
+    assert res["copies"] > 0 and res["qkv_copies"] == 0, res
 
 
 def test_head_major_projections_are_hf_conv1d_laid_out_for_the_kernel():

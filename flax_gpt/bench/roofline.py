@@ -66,11 +66,8 @@ def _parse(line: str, m: re.Match) -> _Op:
     return _Op(m.group(2), bool(m.group(1)), _array_bytes(shape), opcode, _OPERAND.findall(args), args, attrs)
 
 
-def hidden_bytes(hlo: str) -> dict:
-    """HBM bytes per device-step that `cost_analysis()` leaves out, read from `compiled.as_text()`:
-    {"kernels": lower bound of the kernels without a cost estimate, "loops": the loop trips after
-    the first, "kernel_calls": how many such kernels, "loops_found", "loops_unresolved": loops
-    whose trip count the text does not give (counted once, as XLA does)}."""
+def _module(hlo: str) -> tuple[dict[str, list[_Op]], str | None]:
+    """The compiled module's computations (name -> instructions) and its entry computation's name."""
     comps: dict[str, list[_Op]] = {}
     entry, ops, text = None, None, []  # text: the lines of one instruction (a kernel's config spans several)
 
@@ -91,6 +88,34 @@ def hidden_bytes(hlo: str) -> dict:
             text.append(line)
         elif text:
             text.append(line)
+    return comps, entry
+
+
+def layout_copies(hlo: str) -> dict:
+    """The copy and transpose instructions the compiled step runs outside fusions (in the entry
+    computation and loop bodies: layout changes that go through HBM), and the bytes they move
+    (read and written once each)."""
+    comps, entry = _module(hlo)
+    found = {"count": 0, "bytes": 0}
+
+    def walk(comp: str) -> None:
+        for op in comps.get(comp, []):
+            if op.opcode == "while":
+                walk(_attr(op.attrs, "body"))
+            elif op.opcode in ("copy", "transpose"):
+                found["count"] += 1
+                found["bytes"] += 2 * op.out_bytes
+
+    walk(entry)
+    return found
+
+
+def hidden_bytes(hlo: str) -> dict:
+    """HBM bytes per device-step that `cost_analysis()` leaves out, read from `compiled.as_text()`:
+    {"kernels": lower bound of the kernels without a cost estimate, "loops": the loop trips after
+    the first, "kernel_calls": how many such kernels, "loops_found", "loops_unresolved": loops
+    whose trip count the text does not give (counted once, as XLA does)}."""
+    comps, entry = _module(hlo)
     defs = {op.name: op for body in comps.values() for op in body}
     size = lambda name: defs[name].out_bytes if name in defs else 0  # noqa: E731
 

@@ -31,7 +31,7 @@ from jax._src import hardware_utils  # counts attached TPU chips (PCI ids) witho
 from jax.experimental import topologies
 
 from flax_gpt.bench.max_batch import search_max_batch
-from flax_gpt.bench.roofline import hidden_bytes, step_estimate
+from flax_gpt.bench.roofline import hidden_bytes, layout_copies, step_estimate
 from flax_gpt.config import Config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
@@ -187,7 +187,7 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
             total, capacity = max(args, int(float(m.group(1)) * GiB)), int(float(m.group(2)) * GiB)
             temp = total - args
         total = max(total, capacity + 1)  # it did not fit, whatever the message left out
-        ma, ca, hidden = None, {}, None
+        ma, ca, hidden, copies = None, {}, None, None
     else:
         say("analysing memory and FLOPs")
         ma, ca = compiled.memory_analysis(), compiled.cost_analysis()
@@ -195,7 +195,9 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
         temp = ma.temp_size_in_bytes
         total = max(ma.peak_memory_in_bytes, ma.argument_size_in_bytes + ma.output_size_in_bytes
                     - ma.alias_size_in_bytes + temp + ma.generated_code_size_in_bytes)
-        hidden = hidden_bytes(compiled.as_text())  # what cost_analysis leaves out (kernels, loop trips)
+        text = compiled.as_text()
+        hidden = hidden_bytes(text)  # what cost_analysis leaves out (kernels, loop trips)
+        copies = layout_copies(text)
         del compiled
     formula = flops.flops_per_token(cfg.model, T) * B * T / n
     peak, bw = flops.peak_flops(kind), HBM_BANDWIDTH[gen]
@@ -208,7 +210,7 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
         "hbm_per_device_bytes": {"params": params, "opt_state": opt, "temp": temp, "total": int(total)},
         "hbm_capacity_bytes": capacity, "fits": ma is not None and total <= capacity,
         "flops_per_device_step_xla": xla, "flops_per_device_step_formula": formula,
-        "bytes_accessed_per_device_step_xla": ca.get("bytes accessed"), **used,
+        "bytes_accessed_per_device_step_xla": ca.get("bytes accessed"), **used, "layout_copies": copies,
         "peak_flops_per_device": peak, "hbm_bandwidth_bytes_per_s": bw,
         "est_tokens_per_sec": B * T / est if est else None, "est_mfu": formula / (est * peak) if est else None,
         "estimate": "roofline max(FLOPs/peak, bytes/HBM bandwidth) on the *_used figures; no collectives; "
