@@ -2,8 +2,9 @@
 
 The one error boundary (`main`): every failure a user can cause ends in one line `error: ...` on
 stderr naming the problem and the fix, exit status 2 (a training failure, `TrainError`, exits 1):
-our errors, the OSError family (permission, not-a-directory, exists, no space left) and argument
-errors. A genuine bug keeps its traceback; `--debug` or FLAX_GPT_DEBUG=1 shows it for the rest too.
+our errors, the OSError family (permission, not-a-directory, exists, no space left), argument
+errors, and XLA running out of memory (what ran out and what to change). A genuine bug keeps its
+traceback; `--debug` or FLAX_GPT_DEBUG=1 shows it for the rest too.
 SIGTERM or Ctrl-C before training starts stops with one line; during training they checkpoint.
 How the process around a verb behaves (quiet libraries, signals, the one line) is `process.py`.
 """
@@ -200,8 +201,8 @@ def cmd_compile(args) -> int:
     if args.max_compiles < 1 or (args.time_budget is not None and args.time_budget <= 0):
         raise ConfigError(f"--max-compiles must be at least 1 and --time-budget positive "
                           f"(got {args.max_compiles}, {args.time_budget})")
-    if args.out:
-        storage.check_writable(args.out, "--out")
+    if args.out:  # before compiling: never a folder, nor a file of a run, shards folder or export
+        storage.check_output_file(args.out, "--out")
     result = compile_for_topology(cfg, args.topology, find_max_batch=args.find_max_batch,
                                   max_compiles=args.max_compiles, time_budget_s=args.time_budget,
                                   say=process.progress)
@@ -358,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FLAX_GPT_DEBUG", "") not in ("", "0") or "--debug" in (argv or sys.argv[1:])
     signal.signal(signal.SIGTERM, process.terminate)  # the training loop replaces it while it runs
+    args = None
     try:
         args = parse_args(argv)
         _check_args(args)
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if process.interrupted(e):
             print(f"interrupted; {process.STOPPED}", file=sys.stderr)
             return 130
+        e = process.as_user_error(e, getattr(args, "verb", None))  # e.g. XLA out of memory: a config to change
         if debug or not isinstance(e, (UserError, OSError)):
             raise
         print(f"error: {process.one_line(e)}", file=sys.stderr)

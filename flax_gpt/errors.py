@@ -37,6 +37,10 @@ class StorageError(UserError, OSError):
     """A file or bucket operation failed (unreachable, missing, permission, no space)."""
 
 
+class ResourceError(UserError, RuntimeError):
+    """The run needs more memory than the host or accelerator has; the message names what to change."""
+
+
 class TrainError(UserError, RuntimeError):
     """Training cannot go on (e.g. non-finite loss); the message names the step and what to do."""
 

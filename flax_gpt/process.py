@@ -7,14 +7,16 @@ from __future__ import annotations
 import errno
 import glob
 import importlib.util
+import inspect
 import logging
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from absl import logging as absl_logging
 
-from flax_gpt.errors import UserError
+from flax_gpt.errors import ResourceError, UserError
 
 _OS_HINTS = {
     errno.EACCES: "check its permissions or choose another path",
@@ -27,7 +29,6 @@ _OS_HINTS = {
     errno.EEXIST: "it already exists; remove it or choose another path",
     errno.ENOENT: "it does not exist; fix the path",
 }
-
 
 
 def quiet_libraries(debug: bool) -> None:
@@ -73,18 +74,90 @@ def one_line(e: BaseException) -> str:
     return text
 
 
+def as_user_error(e: BaseException, verb: str | None = None) -> BaseException:
+    """A library's failure that the user fixes by changing the config, as our error; else `e`."""
+    xla = _xla_error(e)
+    if xla is not None and ("RESOURCE_EXHAUSTED" in str(xla) or "Out of memory" in str(xla)):
+        return ResourceError(out_of_memory_line(str(xla), verb))
+    return e
+
+
+def _xla_error(e: BaseException) -> BaseException | None:
+    """XLA's runtime error behind `e` (itself, or what caused it), by class name: jax need not be loaded."""
+    todo, seen = [e], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if any(c.__name__ in ("JaxRuntimeError", "XlaRuntimeError") for c in type(e).__mro__):
+            return e
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+# What to change when a verb runs out of memory; training's settings for the verbs that build a train step.
+_OOM_FIX = ("use a smaller train.batch_size (raise train.grad_accum to keep the batch: same result, less memory), "
+            "model.remat=full, or shard the state over more devices with mesh.fsdp (e.g. mesh.fsdp=-1 mesh.data=1)")
+_OOM_FIXES = {
+    "generate": "use fewer prompts or --num-samples, a smaller --max-new-tokens, or a machine with more memory",
+    "eval": "evaluate on a machine with more memory (the batch is the run's train.eval_batch_size, else "
+            "train.batch_size)",
+    "export": "export on a machine with more memory",
+}
+_UNITS = {"BYTES": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}  # XLA's sizes: G = GiB
+_SIZE = r"([\d.]+) ?(bytes|[KMGT])i?B?\b"
+_OOM_SIZES = (  # XLA's wordings across platforms -> what we say (sizes in GiB)
+    (re.compile(rf"Used {_SIZE} of {_SIZE} hbm", re.IGNORECASE), "{0} used of {1} HBM"),
+    (re.compile(rf"temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)", re.IGNORECASE),
+     "temporaries of {0}, {1} of HBM available"),
+    (re.compile(rf"allocat\w*(?: request for)? {_SIZE}", re.IGNORECASE), "could not allocate {0}"),
+    (re.compile(rf"There are {_SIZE} free", re.IGNORECASE), "{0} free"),
+)
+
+
+def out_of_memory_line(xla: str, verb: str | None = None) -> str:
+    """XLA's RESOURCE_EXHAUSTED message (a page, at compile or run time) as one line: which memory
+    ran out, the sizes XLA reported, and what to change."""
+    said = []
+    for pattern, template in _OOM_SIZES:
+        if m := pattern.search(xla):
+            sizes = [float(m.group(i)) * _UNITS[m.group(i + 1).upper()] for i in range(1, pattern.groups, 2)]
+            said.append(template.format(*(f"{b / 2**30:.2f} GiB" for b in sizes)))
+    if not said:  # an unknown wording: XLA's own first sentence
+        said = [" ".join(xla.split("RESOURCE_EXHAUSTED:", 1)[-1].split())[:160].split(". ")[0]]
+    return f"out of memory: {_which_memory(xla)} ran out ({'; '.join(said)}); {_OOM_FIXES.get(verb, _OOM_FIX)}"
+
+
+def _which_memory(xla: str) -> str:
+    if "hbm" in xla.lower():
+        return "TPU HBM"
+    try:
+        platform = sys.modules["jax"].default_backend() if "jax" in sys.modules else ""
+    except Exception:  # noqa: BLE001 - the backend that failed may not answer either
+        platform = ""
+    return {"cpu": "host memory", "gpu": "GPU memory", "tpu": "TPU HBM"}.get(platform, "device memory")
+
+
 STOPPED = "what was already written is complete; rerun the same command to continue"
 
 
 def _quiet_closed_loops(debug: bool) -> None:
-    """When a disk fills up during a checkpoint write, TensorStore still completes the other pending
-    writes and reports each to Orbax's event loop, which has closed; each report is printed as a
-    traceback. They repeat our one line's failure, so they are dropped (shown with --debug)."""
-    def echo(e: BaseException | None) -> bool:
-        return not debug and type(e) is RuntimeError and str(e) == "Event loop is closed"
+    """Echoes of a failure our one line already names, reported through sys.unraisablehook as
+    tracebacks; dropped (shown with --debug):
+    - when a disk fills up during a checkpoint write, TensorStore still completes the other pending
+      writes and reports each to Orbax's event loop, which has closed;
+    - when one array of a damaged checkpoint does not read back, Orbax abandons the reads of the
+      others, and each abandoned read turns its closing into an error of its own, printed with the
+      whole TensorStore specification (~60 lines per array)."""
+    def echo(u) -> bool:
+        e = u.exc_value
+        closed_loop = type(e) is RuntimeError and str(e) == "Event loop is closed"
+        abandoned = inspect.iscoroutine(u.object) and isinstance(getattr(e, "__cause__", None), GeneratorExit)
+        return not debug and (closed_loop or abandoned)
 
-    default = sys.unraisablehook  # how TensorStore's callback threads report them
-    sys.unraisablehook = lambda u: None if echo(u.exc_value) else default(u)
+    default = sys.unraisablehook  # how TensorStore's callback threads and collected coroutines report them
+    sys.unraisablehook = lambda u: None if echo(u) else default(u)
 
 
 def terminate(signum, frame):

@@ -70,6 +70,18 @@ def write_atomic(path, data: bytes | str) -> None:
         raise
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The operating system's error behind a failed write: `e` itself, or the one a writer in Rust
+    (safetensors, tokenizers) reports only as text, "... No space left on device (os error 28)"."""
+    if isinstance(e, OSError):
+        return e
+    m = _RUST_OS_ERROR.search(str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
 def rmtree(path) -> None:
     p = location(path)
     if p.exists():

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from flax_gpt import storage
 from flax_gpt.config import ModelConfig
 from flax_gpt.data.tokenizer import load_tokenizer
-from flax_gpt.errors import HFError
+from flax_gpt.errors import HFError, StorageError, UserError
 from flax_gpt.export.card import model_card
 from flax_gpt.model.gpt2 import GPT2
 from flax_gpt.model.hf import hf_config_dict, to_hf_state_dict
@@ -44,25 +44,10 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2
     storage.clean_temp_siblings(out)
     tmp = storage.staging_folder(out)
     try:
-        sd = to_hf_state_dict(params, cfg)
-        if dtype == "bfloat16":
-            sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
-        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        tok = load_tokenizer(tokenizer)
-        hf_cfg = hf_config_dict(cfg, tok.eos_id)
-        hf_cfg["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
-               "do_sample": True, "max_length": cfg.n_positions}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        tok.save_hf(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        storage.make_readable(tmp)
-        # The files it wrote, listed: an overwrite later replaces this folder only if it holds no others.
-        storage.mark(tmp, "export", files=sorted(p.name for p in tmp.iterdir()),
-                     **({"origin": origin} if origin else {}))
+        try:
+            _write_folder(tmp, params, cfg, tokenizer, dtype, extra_files, origin)
+        except Exception as e:  # noqa: BLE001 - a full disk reaches us as OSError or a Rust writer's own type
+            raise _write_error(e, out) from None
         if check is not None:
             check(tmp)
         storage.check_output(out, "export", overwrite=overwrite)  # again: nothing was put there meanwhile
@@ -71,6 +56,42 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_folder(tmp: Path, params: dict, cfg: ModelConfig, tokenizer: str, dtype: str,
+                  extra_files: dict[str, str] | None, origin: str) -> None:
+    """The export's files in the staging folder `tmp`, its marker last (listing them)."""
+    sd = to_hf_state_dict(params, cfg)
+    if dtype == "bfloat16":
+        sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    tok = load_tokenizer(tokenizer)
+    hf_cfg = hf_config_dict(cfg, tok.eos_id)
+    hf_cfg["torch_dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
+           "do_sample": True, "max_length": cfg.n_positions}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok.save_hf(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    storage.make_readable(tmp)
+    # The files it wrote, listed: an overwrite later replaces this folder only if it holds no others.
+    storage.mark(tmp, "export", files=sorted(p.name for p in tmp.iterdir()),
+                 **({"origin": origin} if origin else {}))
+
+
+def _write_error(e: Exception, out) -> Exception:
+    """A failed write of the staging folder (a full disk, say) as one line; anything else as it is.
+    Nothing was put in place: an earlier export at `out` is unchanged."""
+    os_error = storage.os_error_of(e)
+    if os_error is None or isinstance(e, UserError):
+        return e
+    kept = "the earlier export there is unchanged" if storage.folder_kind(out) == "export" else \
+        "nothing was written there"
+    return StorageError(f"could not write the export {out} ({storage.error_reason(os_error)}); {kept}; "
+                        "free disk space or choose another folder, then run the same command again")
 
 
 def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 0) -> np.ndarray:

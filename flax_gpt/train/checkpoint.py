@@ -14,6 +14,8 @@ the first save, and the lock file goes again on close.
 from __future__ import annotations
 
 import errno
+import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,24 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from flax_gpt import storage
 from flax_gpt.errors import CheckpointError, StorageError
+from flax_gpt.process import progress
 from flax_gpt.train.run_lock import RunLock
 
 DAMAGED_DIR = "damaged_checkpoints"
+
+
+def damage(e: BaseException) -> str:
+    """What is wrong with a checkpoint that does not read back, short: TensorStore's status and the
+    array it was reading, not the page of store specification Orbax's own message carries."""
+    while e.__cause__ is not None:  # Orbax wraps TensorStore's error, which says what failed
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    status = re.match(r"([A-Z_]{4,}): ", text)
+    array = re.search(r'reading "([^"]+?)(?:/[^"/]*)?"', text)
+    if status and array:
+        detail = re.sub(r"\s*\[source locations=.*", "", text.rsplit('": ', 1)[-1])
+        return f"{status.group(1)} reading {array.group(1)}: {detail}"[:200]
+    return storage.error_reason(e)
 
 
 class Checkpointer:
@@ -58,8 +75,25 @@ class Checkpointer:
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
+            self._check_metrics()
             self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return self._manager
+
+    def _check_metrics(self) -> None:
+        """Orbax reads every step's metrics file when it opens the folder, and one that is not JSON
+        stops it opening at all (a traceback): named here as one line instead."""
+        if storage.is_remote(self.directory) or not self.directory.is_dir():
+            return
+        for step_dir in sorted(Path(str(self.directory)).iterdir()):
+            metrics = step_dir / "metrics" / "metrics"
+            if not (step_dir.name.isdigit() and metrics.is_file()):
+                continue
+            try:
+                json.loads(metrics.read_bytes())
+            except ValueError:
+                raise CheckpointError(f"checkpoint {step_dir.name} in {self.directory} is damaged (its metrics file "
+                                      f"is not valid JSON); move {step_dir} into {self.directory.parent / DAMAGED_DIR}/ "
+                                      "and rerun, to continue from the checkpoint before it") from None
 
     def steps(self) -> list[int]:
         if self._manager is None and not self.directory.is_dir():
@@ -136,8 +170,10 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for a damaged step
-            raise CheckpointError(f"checkpoint {step} in {self.directory} is unreadable ({storage.error_reason(e)}); "
-                                  "pass another --step or retrain") from None
+            error = CheckpointError(f"checkpoint {step} in {self.directory} is unreadable ({damage(e)}); pass another "
+                                    "--step or retrain")
+            error.reason = damage(e)
+            raise error from None
         result = {"params": out["params"], "meta": dict(out["meta"])}
         if with_opt:
             result["opt_state"] = out["train"]["opt_state"]
@@ -146,8 +182,9 @@ class Checkpointer:
         return result
 
     def restore_latest_good(self, abstract_params, abstract_opt_state=None, abstract_rng=None,
-                            say=print) -> dict | None:
-        """Restore the newest checkpoint that reads back; a damaged one is set aside, and said so."""
+                            warn=progress) -> dict | None:
+        """Restore the newest checkpoint that reads back. A damaged one is set aside, with one line
+        to `warn` (stderr): which step, why, where it was moved."""
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
             try:
@@ -156,8 +193,7 @@ class Checkpointer:
                 aside = self._set_aside(step)
                 then = ("falling back to checkpoint " + str(steps[-2 - i])) if i + 1 < len(steps) else \
                     "no readable checkpoint is left, so training starts again from step 0"
-                say(f"warning: checkpoint {step} is unreadable ({str(e).split('(', 1)[-1].split(')')[0]}); "
-                    f"moved to {aside}; {then}")
+                warn(f"warning: checkpoint {step} is unreadable ({e.reason}); moved to {aside}; {then}")
         return None
 
     def _set_aside(self, step: int):

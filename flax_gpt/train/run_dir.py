@@ -1,5 +1,6 @@
 """The run directory (**contract**): `config.yaml`, `checkpoints/<step>/`, `metrics.jsonl`, `tb/`,
-`wandb_id` (with W&B logging), plus the ownership marker `.flax_gpt.json`.
+`wandb_id` (with W&B logging), `profile/` (with train.profile_steps), plus the ownership marker
+`.flax_gpt.json`.
 
 A run directory changes only when a step was trained: `check_run_dir` inspects it before anything
 runs and writes nothing; `commit_config` writes the marker and the resolved config once the first
@@ -14,6 +15,7 @@ and a checkpoints/ of its own is refused, never written into.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
@@ -29,6 +31,7 @@ from flax_gpt.train.optim import needs_run_length
 from flax_gpt.train.run_lock import check_free
 
 CONFIG_FILE = "config.yaml"
+PROFILE_DIR = "profile"
 _RUN_LENGTH = ("train.steps", "train.epochs")
 
 
@@ -101,6 +104,23 @@ def commit_config(cfg: Config, folder=None) -> None:
     run_dir = storage.location(folder or cfg.train.run_dir)
     storage.mark(run_dir, "run")
     storage.write_atomic(run_dir / CONFIG_FILE, config_yaml(cfg))
+
+
+def publish_trace(trace: Path, run_dir, *, keep: bool = True) -> None:
+    """Move a finished profiler trace (a local folder) into RUN_DIR/profile, next to earlier ones,
+    and remove the local folder. `keep=False`: the run directory is not the run's yet (no step was
+    trained), so the trace is dropped rather than written into a folder without its marker."""
+    if not trace.is_dir():
+        return
+    try:
+        if keep and any(p.is_file() for p in trace.rglob("*")):
+            dest = storage.location(run_dir) / PROFILE_DIR
+            if storage.is_remote(run_dir):
+                storage.upload_folder(trace, dest)
+            else:
+                shutil.copytree(trace, str(dest), dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(trace, ignore_errors=True)
 
 
 def resolve_step(ckpt: Checkpointer, step: int | str | None) -> int:

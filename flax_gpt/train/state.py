@@ -24,9 +24,15 @@ from flax_gpt.presets import GPT2_EOS_ID
 from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings, replicated,
                                tree_shardings_like_params)
 from flax_gpt.train.checkpoint import Checkpointer
+from flax_gpt.train.host_memory import GiB, check_host_memory, local_bytes, n_params, on_cpu, training_need
 from flax_gpt.train.optim import build_optimizer, make_schedule
 from flax_gpt.train.run_dir import CONFIG_FILE, check_same_architecture, read_run_config, resolve_step
 from flax_gpt.train.step import TrainState, train_step
+
+
+# What to change when a training state does not fit in host memory.
+_SMALLER = ("use a smaller model (model.preset, model.n_layer, model.n_embd), shard it over the devices with "
+            "mesh.fsdp (each CPU device holds its own copy of what is replicated), or a host with more memory")
 
 
 def _abstract(tree, shardings):
@@ -63,6 +69,9 @@ class StateBuilder:
             params=_abstract(self.abstract_params, self.param_sh),
             opt_state=_abstract(abstract_opt, opt_sh),
             rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
+        need, parts = training_need(self.abstract.params, self.abstract.opt_state)  # before allocating any of it
+        check_host_memory(need, parts, f"training {cfg.model.n_layer} layers x {cfg.model.n_embd} wide "
+                          f"({n_params(self.abstract_params) / 1e9:.2f}B parameters) on CPU", fix=_SMALLER)
         self.batch_sh = batch_sharding(self.mesh)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -101,7 +110,7 @@ class StateBuilder:
         a = self.abstract
         key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # stored as raw uint32
         rng = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=self.shardings.rng)
-        restored = ckpt.restore_latest_good(a.params, a.opt_state, rng, say=say) if ckpt.steps() else None
+        restored = ckpt.restore_latest_good(a.params, a.opt_state, rng) if ckpt.steps() else None
         if restored is not None:
             step = restored["meta"]["step"]
             if "opt_state" not in restored:  # an imported checkpoint: weights only
@@ -138,7 +147,12 @@ def load_params(run_dir, step: int | str | None = None, *, mesh=None) -> tuple[C
         chosen = resolve_step(ckpt, step)
         mesh = mesh or make_mesh(MeshConfig())
         boxed = abstract_params(cfg.model, boxed=True)
-        out = ckpt.restore(chosen, _abstract(nn.unbox(boxed), param_shardings(mesh, boxed)))
+        target = _abstract(nn.unbox(boxed), param_shardings(mesh, boxed))
+        if on_cpu(target):
+            need = local_bytes(target)
+            check_host_memory(need, f"parameters {need / GiB:.1f}", f"loading checkpoint {chosen} of {run_dir} "
+                              f"({n_params(target) / 1e9:.2f}B parameters)", fix="use a host with more memory")
+        out = ckpt.restore(chosen, target)
     finally:
         ckpt.close()
     return cfg, out["params"], chosen, out["meta"]

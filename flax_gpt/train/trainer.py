@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +24,8 @@ from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput
-from flax_gpt.train.run_dir import commit_config
+from flax_gpt.train.run_dir import commit_config, publish_trace
 from flax_gpt.train.state import StateBuilder
-
-PROFILE_DIR = "profile"
 
 
 class Trainer:
@@ -60,10 +59,6 @@ class Trainer:
         bar = ProgressBar(total_steps, start, disable=not (is_main and cfg.train.progress))
         profile = profile_range(cfg.train.profile_steps) if cfg.train.profile_steps else None
         profile_dir = None
-        if profile:  # a bucket run directory: traced locally, uploaded when the trace ends
-            remote = storage.is_remote(self.run_dir)
-            profile_dir = storage.staging_folder(self.run_dir) if remote else \
-                Path(str(storage.location(self.run_dir))) / PROFILE_DIR
         has_val = val_rows is not None and val_rows.num_rows > 0
         if final_eval and not has_val:
             self.say("no validation split (data.val_fraction=0, or too few documents for one row of "
@@ -127,6 +122,9 @@ class Trainer:
                 for s, batch in loader.iterate(start, total_steps):
                     if profile and s == profile[0]:
                         flush()
+                        # Traced into a local folder of its own, put in the run directory when the trace
+                        # ends, and only once it is the run's: a first step that fails writes nothing there.
+                        profile_dir = Path(tempfile.mkdtemp(prefix=f"{storage.TMP_PREFIX}profile-"))
                         jax.profiler.start_trace(str(profile_dir))
                         tracing = True
                     if s == start:  # the first call compiles the step: minutes for a large model
@@ -143,8 +141,7 @@ class Trainer:
                         flush()
                         jax.profiler.stop_trace()
                         tracing = False
-                        if storage.is_remote(self.run_dir):
-                            storage.upload_folder(profile_dir, storage.location(self.run_dir) / PROFILE_DIR)
+                        publish_trace(profile_dir, self.run_dir)
                     do_eval = has_val and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
                         and done < total_steps
                     do_ckpt = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total_steps
@@ -169,6 +166,8 @@ class Trainer:
         finally:
             if tracing:
                 jax.profiler.stop_trace()
+            if profile_dir is not None:
+                publish_trace(profile_dir, self.run_dir, keep=committed)
             bar.close()
             writer.close()
             ckpt.close()
