@@ -21,6 +21,8 @@ import pytest
 
 from flax_gpt.bench.max_batch import search_max_batch
 from flax_gpt.bench.tpu_compile import ACCELERATORS, GiB, resolve
+from flax_gpt.config_files import load_config
+from flax_gpt.model.loss_kernel import token_block
 from flax_gpt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +91,12 @@ def test_tiny_compiles_for_a_slice_and_reports_the_contract(tmp_path, topology, 
     assert res["hbm_capacity_bytes"] == int((15.75 if kind == "TPU v5 lite" else 30.75) * GiB)
     assert res["fits"] is True
     assert f"{hbm_total_gib(res):.2f} of {res['hbm_capacity_bytes'] / GiB:.2f} GiB per device, fits" in lines[-1]
-    # XLA counts softmax, LayerNorm and the optimizer too, which are large next to tiny's matmuls
-    ratio = res["flops_per_device_step_xla"] / res["flops_per_device_step_formula"]
+    # XLA counts softmax, LayerNorm and the optimizer too, which are large next to tiny's matmuls,
+    # and the fused loss kernels' recomputed logits, 4 N V D more than the model's 6 N V D, where
+    # a device's N tokens tile into them (128 on v5e:2x2; 64 on the v4 slice: the chunked loop)
+    model, n = load_config(str(ROOT / "configs" / "tiny.yaml")).model, 8 * 64 // chips
+    recompute = 4 * n * model.padded_vocab * model.n_embd if token_block(n) else 0
+    ratio = (res["flops_per_device_step_xla"] - recompute) / res["flops_per_device_step_formula"]
     assert 0.95 < ratio < 1.4, ratio
     assert res["est_tokens_per_sec"] == pytest.approx(8 * 64 / res["est_step_time_s"])
     assert 0 < res["est_mfu"] < 1
