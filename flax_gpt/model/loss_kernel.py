@@ -23,7 +23,7 @@ count, bytes), so XLA's cost analysis and the compile estimate count the work.
 V need not be a multiple of the vocab block: the grid's last block reaches past the head, and
 what it reads there is undefined, so logits at or past `vocab_size` are masked (as the vocabulary
 padding is) and `grad_h` zeroes those head rows; `grad_head`'s writes past V are dropped. Tiles keep
-VMEM under ~12 MiB, inside every TPU generation's default scoped limit.
+every kernel within the 16 MiB of VMEM a TPU v4 core has (see `SMALL_VMEM`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from flax_gpt.model.attention import traced_device
+
 LANES = 128
 TOKEN_BLOCKS = (1024, 512, 256, 128)  # forward and grad_h: the head is re-read N / block times
 HEAD_TOKEN_BLOCK = 512  # grad_head: its (vocab, tokens) float32 tile
-VOCAB_BLOCK = 1024  # grad_head reads h once per vocab block; forward and grad_h take half of one
+# Vocab rows per tile. grad_head reads h once per vocab block, so its block is the largest; the
+# others' only change the number of grid steps.
+# grad_h holds a (tokens, D) float32 accumulator, its double-buffered h and dh windows and the
+# compiler's spill slots: 18.2 MiB at 1024 tokens, over the 16 MiB of VMEM a TPU v4 core has, so
+# there it takes 512-token tiles (reading the head twice as often); newer generations have more.
+SMALL_VMEM = ("TPU v4",)
+FORWARD_VOCAB_BLOCK, GRAD_H_VOCAB_BLOCK, HEAD_VOCAB_BLOCK = 512, 512, 1024
 _NEG = -1e30  # as loss.py: a masked logit whose exp() is exactly 0
 
 
@@ -108,23 +116,20 @@ def _grad_h_kernel(x_ref, e_ref, t_ref, lse_ref, w_ref, dh_ref, acc, *, vocab_si
         dh_ref[...] = acc[...].astype(dh_ref.dtype)
 
 
-def _grad_head_kernel(x_ref, e_ref, t_ref, lse_ref, w_ref, de_ref, acc, *, vocab_size: int):
+def _grad_head_kernel(x_ref, e_ref, t_ref, lse_ref, w_ref, de_ref, *, vocab_size: int):
     j, i = pl.program_id(0), pl.program_id(1)
     vb = e_ref.shape[0]
 
     @pl.when(i == 0)
     def _():
-        acc[...] = jnp.zeros(acc.shape, jnp.float32)
+        de_ref[...] = jnp.zeros(de_ref.shape, jnp.float32)
 
+    # The float32 output block stays in VMEM over the token blocks: it is the accumulator.
     x = x_ref[...]
     logits, ids = _tile_logits(x, e_ref[...], j * vb, vocab_size, transposed=True)  # (vocab, tokens)
     probs = jnp.exp(logits - lse_ref[...])
     dl = ((probs - (ids == t_ref[...]).astype(jnp.float32)) * w_ref[...]).astype(x.dtype)
-    acc[...] += jnp.dot(dl, x, preferred_element_type=jnp.float32)
-
-    @pl.when(i == pl.num_programs(1) - 1)
-    def _():
-        de_ref[...] = acc[...]
+    de_ref[...] += jnp.dot(dl, x, preferred_element_type=jnp.float32)
 
 
 
@@ -138,7 +143,7 @@ def forward(x: jax.Array, e: jax.Array, targets: jax.Array, *, vocab_size: int,
     """x (N,D) and e (V,D) in the compute dtype, targets (N,) int -> (logsumexp (N,), target logit
     (N,)) float32 over the first vocab_size rows of e."""
     (N, D), tb = x.shape, token_block(x.shape[0])
-    vb = VOCAB_BLOCK // 2
+    vb = FORWARD_VOCAB_BLOCK
     V, nb, nv = e.shape[0], N // tb, pl.cdiv(e.shape[0], vb)
     col = pl.BlockSpec((tb, 1), lambda i, j: (i, 0))
     lse, tgt = pl.pallas_call(
@@ -158,7 +163,9 @@ def forward(x: jax.Array, e: jax.Array, targets: jax.Array, *, vocab_size: int,
 def grad_h(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False) -> jax.Array:
     """dh (N,D) in x's dtype: sum over the vocabulary of w * (softmax - onehot) times the head."""
     (N, D), tb = x.shape, token_block(x.shape[0])
-    vb = VOCAB_BLOCK // 2
+    if traced_device()[1].startswith(SMALL_VMEM):
+        tb = min(tb, 512)
+    vb = GRAD_H_VOCAB_BLOCK
     V, nb, nv = e.shape[0], N // tb, pl.cdiv(e.shape[0], vb)
     col = pl.BlockSpec((tb, 1), lambda i, j: (i, 0))
     return pl.pallas_call(
@@ -179,7 +186,7 @@ def grad_head(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False
     """dE (V,D) float32 for e's rows: the sum over tokens of w * (softmax - onehot) times h."""
     N, D = x.shape
     tb = math.gcd(N, HEAD_TOKEN_BLOCK) if N % LANES == 0 else N
-    vb = VOCAB_BLOCK
+    vb = HEAD_VOCAB_BLOCK
     V, nb, nv = e.shape[0], N // tb, pl.cdiv(e.shape[0], vb)
     row = pl.BlockSpec((1, tb), lambda j, i: (0, i))
     de = pl.pallas_call(
@@ -189,7 +196,6 @@ def grad_head(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False
                   row, row, row],
         out_specs=pl.BlockSpec((vb, D), lambda j, i: (j, 0)),
         out_shape=jax.ShapeDtypeStruct((V, D), jnp.float32),
-        scratch_shapes=[pltpu.VMEM((vb, D), jnp.float32)],
         compiler_params=_params("parallel", "arbitrary"),
         cost_estimate=_cost(4 * N * V * D, N * V, nv * x.nbytes + e.nbytes + V * D * 4 + 12 * N * nv),
         interpret=interpret,
