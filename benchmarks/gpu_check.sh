@@ -88,7 +88,8 @@ base = main["baseline"] or {}
 runs = base.get("runs", {})
 tps = lambda r: r and r["tokens_per_sec"]
 summary = {
-    "device_kind": main["device_kind"], "config": main["config"],
+    "device_kind": main["device_kind"], "config": main["config"], "kernels": main["kernels"],
+    "kernels_in_ab": {"attention_cudnn": cudnn["kernels"]["attention"] if cudnn else "skipped (CPU)"},
     "ours": {"tokens_per_sec": main["tokens_per_sec"], "mfu": main["mfu"], "compile_time_s": main["compile_time_s"]},
     "pytorch_eager_tokens_per_sec": tps(runs.get("eager")),
     "torch_compile_tokens_per_sec": tps(runs.get("compile")),

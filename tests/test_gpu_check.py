@@ -33,6 +33,9 @@ def test_gpu_check_smoke_runs_every_step_and_writes_its_json(tmp_path):
     assert summary["ours"]["tokens_per_sec"] == main["tokens_per_sec"] > 0
     assert summary["pytorch_eager_tokens_per_sec"] > 0 and summary["torch_compile_tokens_per_sec"] is None
     assert summary["ab"]["attention_cudnn_tokens_per_sec"] == "skipped (CPU)"
+    # which kernels ran, as the step chose them: the main run asks for XLA attention; a CPU runs
+    # the chunked loss (the fused Pallas kernels are TPU-only)
+    assert summary["kernels"] == main["kernels"] == {"attention": "xla", "loss": "chunked"}
     assert summary["generate"][0]["jax_new_tokens_per_s"] > 0
     assert "targets_met" not in summary  # a CPU has no peak FLOP/s: no MFU to judge
     assert not list((ROOT / "benchmarks" / "results").glob("gpu_check_*smoke*"))  # smoke figures stay out

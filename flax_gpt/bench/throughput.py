@@ -24,12 +24,16 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 from flax_gpt import storage
 from flax_gpt.bench.torch_baseline import measure_torch_baseline
 from flax_gpt.config import Config
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.model import flops
+from flax_gpt.model.attention import kernel_for
+from flax_gpt.model.loss import choose_kernel as loss_kernel_for
+from flax_gpt.sharding import mesh_shape
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.state import StateBuilder, total_steps
 from flax_gpt.train.trainer import Trainer
@@ -82,6 +86,18 @@ def measure_loop(cfg: Config, *, steps: int) -> dict:
             "tokens_per_sec_mean": out.get("tokens_per_sec"), "step_time_mean_s": out.get("step_time_s")}
 
 
+def kernels_used(cfg: Config) -> dict:
+    """The attention and loss kernels the train step runs on this machine's devices (what `auto`
+    resolves to, or the configured kernel), as the step itself chooses them."""
+    m, T = cfg.model, cfg.data.seq_len
+    data, fsdp, tensor = mesh_shape(cfg.mesh, jax.device_count())
+    attention = ("xla (attention dropout)" if m.attn_pdrop > 0 else
+                 kernel_for(m.attention, dtype=jnp.dtype(m.dtype), K=m.n_embd // m.n_head, T=T))
+    loss = loss_kernel_for("auto", platform=jax.devices()[0].platform, B=cfg.train.batch_size // cfg.train.grad_accum,
+                           T=T, batch_shards=data * fsdp, vocab_shards=tensor)
+    return {"attention": attention, "loss": loss}
+
+
 def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = "eager",
               loop: bool = True, out: str | None = None) -> dict:
     if out:  # before measuring: never a file of a run, shards folder or export (a run's config.yaml...)
@@ -101,6 +117,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = 
                    "vocab": cfg.model.padded_vocab, "dtype": cfg.model.dtype, "seq_len": seq,
                    "batch_size": batch, "grad_accum": cfg.train.grad_accum, "remat": cfg.model.remat,
                    "attention": cfg.model.attention, "mesh": dataclasses.asdict(cfg.mesh)},
+        "kernels": kernels_used(cfg),
         "steps": steps, "warmup": warmup,
         "compile_time_s": step["compile_time_s"],
         "step_time_s": step["step_time_s"],
