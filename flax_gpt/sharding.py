@@ -95,6 +95,15 @@ def on_mesh(fn, mesh: Mesh):
     return traced
 
 
+def per_device(f, args: tuple, in_specs, out_specs):
+    """f on each device's own shards of args (a Pallas kernel cannot be split by XLA, which would
+    gather whole operands onto every device), or f itself when traced off a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return f(*args)
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from conftest import ROOT
+from test_attention import tpu_mesh  # the abstract mesh traced for TPU devices
 from flax_gpt.model import loss_kernel
 from flax_gpt.model.loss import choose_kernel, cross_entropy_sums
-from flax_gpt.sharding import AXES
 
 U32 = 2.0**-24
 LIBTPU = os.environ.get("FLAX_GPT_TEST_LIBTPU", "")
@@ -76,11 +75,6 @@ def test_bfloat16_compute_is_the_chunked_loss_bit_for_bit_on_one_block():
     for a, b in zip(grads_f, grads_c):
         assert np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2**-7, atol=2**-7 * float(
             jnp.max(jnp.abs(b.astype(jnp.float32))))), "bf16 gradients differ by more than one bf16 rounding"
-
-
-def tpu_mesh(data: int = 1, tensor: int = 1) -> AbstractMesh:
-    return AbstractMesh((data, 1, tensor), AXES, axis_types=(AxisType.Auto,) * 3,
-                        abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
 
 
 def test_the_kernel_runs_on_tpu_per_device_and_the_chunked_loop_elsewhere():

@@ -32,7 +32,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_k
 from jax.sharding import PartitionSpec as P
 
 from flax_gpt.errors import ConfigError
-from flax_gpt.sharding import RULES
+from flax_gpt.sharding import RULES, per_device
 
 KERNELS = ("auto", "xla", "cudnn", "splash")
 
@@ -139,10 +139,8 @@ def _splash(q, k, v, segment_ids, *, interpret: bool) -> jax.Array:
 
     spec = P(splits(batch, B), splits(heads, H), None, None)  # e.g. 12 heads over tensor=8: replicated
     if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(spec,) * 3,
-                             out_specs=spec, check_vma=False)(q, k, v)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (P(spec[0], None),), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids)
+        return per_device(lambda q, k, v: local(q, k, v, None), (q, k, v), (spec,) * 3, spec)
+    return per_device(local, (q, k, v, segment_ids), (spec,) * 3 + (P(spec[0], None),), spec)
 
 
 def kernel_for(kernel: str, *, dtype, K: int, T: int, interpret: bool = False) -> str:

@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_gpt.model import loss_kernel
 from flax_gpt.model.attention import traced_device
-from flax_gpt.sharding import ACTIVATIONS
+from flax_gpt.sharding import ACTIVATIONS, per_device
 
 # Float32 logits of one chunk, per device: the largest chunk-sized buffer, of which three or four
 # are live at once (logits, their exp, dlogits and, on CPU, a transposed copy for the dE matmul).
@@ -204,14 +204,6 @@ def _weighted_nll_sum_bwd(plan, res, g):
 _weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 
 
-def _per_device(f, args, in_specs, out_specs):
-    """f on each device's own shards (a Mosaic kernel cannot be split by XLA), or f itself off a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return f(*args)
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-
-
 def _batch_axis_names(batch_axes) -> tuple:
     return tuple(a for a in (batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)) if a)
 
@@ -231,7 +223,7 @@ def _fused_fwd(h, embedding, targets, weights, vocab_size, interpret):
         lse, tgt = loss_kernel.forward(h.reshape(-1, D), e, t.reshape(-1), vocab_size=vocab_size, interpret=interpret)
         return lse.reshape(t.shape), tgt.reshape(t.shape)
 
-    lse, tgt = _per_device(local, (h, e, targets), (P(batch, None, None), P(None, None), P(batch, None)),
+    lse, tgt = per_device(local, (h, e, targets), (P(batch, None, None), P(None, None), P(batch, None)),
                            (P(batch, None),) * 2)
     nll = lse - tgt
     return jnp.sum(nll * weights), (h, e, targets, weights, lse, nll)
@@ -250,7 +242,7 @@ def _fused_bwd(vocab_size, interpret, res, g):
         return dh, de[None]  # each device's dE, over its own tokens
 
     row = P(batch, None)
-    dh, de = _per_device(local, (h, e, targets, lse, weights * g), (P(batch, None, None), P(None, None), row, row, row),
+    dh, de = per_device(local, (h, e, targets, lse, weights * g), (P(batch, None, None), P(None, None), row, row, row),
                          (P(batch, None, None), P(names or None, None, None)))
     # Summed across the batch shards outside the kernels' shard_map, where XLA sees a gradient of
     # partial sums like the embedding lookup's and reduces them together.

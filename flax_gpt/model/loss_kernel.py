@@ -189,7 +189,7 @@ def grad_head(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False
     vb = HEAD_VOCAB_BLOCK
     V, nb, nv = e.shape[0], N // tb, pl.cdiv(e.shape[0], vb)
     row = pl.BlockSpec((1, tb), lambda j, i: (0, i))
-    de = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_grad_head_kernel, vocab_size=vocab_size),
         grid=(nv, nb),
         in_specs=[pl.BlockSpec((tb, D), lambda j, i: (i, 0)), pl.BlockSpec((vb, D), lambda j, i: (j, 0)),
@@ -200,4 +200,3 @@ def grad_head(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False
         cost_estimate=_cost(4 * N * V * D, N * V, nv * x.nbytes + e.nbytes + V * D * 4 + 12 * N * nv),
         interpret=interpret,
     )(x, e, targets.reshape(1, N).astype(jnp.int32), lse.reshape(1, N), w.reshape(1, N).astype(jnp.float32))
-    return de
