@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from absl import logging as absl_logging
@@ -158,6 +159,8 @@ def _quiet_closed_loops(debug: bool) -> None:
 
     default = sys.unraisablehook  # how TensorStore's callback threads and collected coroutines report them
     sys.unraisablehook = lambda u: None if echo(u) else default(u)
+    if not debug:
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def terminate(signum, frame):
