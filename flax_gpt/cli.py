@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=cmd_import_hf)
 
-    sp = sub.add_parser("export", help="run directory -> transformers GPT2LMHeadModel folder (checked on reload)")
+    sp = sub.add_parser("export", help="run directory -> transformers model folder (checked on reload)")
     sp.add_argument("run_dir")
     sp.add_argument("--out", required=True)
     sp.add_argument("--step", help="N, 'latest' (default) or 'best'")

@@ -19,14 +19,14 @@ import functools
 import math
 import os
 import re
-import string
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from flax_gpt.config_checks import text_template
 from flax_gpt.errors import ConfigError
-from flax_gpt.presets import GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHEDULES
+from flax_gpt.presets import FAMILIES, GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHEDULES
 
 RESULT, RUN = "result", "run"
 # Seeds feed jax.random.key and numpy's generators as unsigned 32-bit words; the step counter is int32.
@@ -60,34 +60,6 @@ def _bounds(valid: str) -> tuple:
 
 def _within(x: float, bounds: tuple) -> bool:
     return any((lo < x or (lo_in and x == lo)) and (x < hi or (hi_in and x == hi)) for lo, lo_in, hi, hi_in in bounds)
-
-
-def text_template(text: str) -> None:
-    """`data.template`: {column} fields filled with each row's text. Raises ValueError for what cannot
-    apply to text (format codes such as :d, conversions, attribute or index access) or cannot be parsed."""
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as e:
-        raise ValueError(f"is not a valid format string ({e}); use {{column}} fields and {{{{ }}}} for "
-                         "literal braces") from None
-    names = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
-    if not names:
-        raise ValueError("has no {column} field, so every document would be the same text; name a column, "
-                         "e.g. {abstract}")
-    for name, spec, conv in names:
-        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-        base = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if not base or base.isdigit():
-            raise ValueError(f"has a positional field {shown}; name the column, e.g. {{abstract}}")
-        if base != name:
-            raise ValueError(f"has {shown}: attribute and index access do not apply to a text column; "
-                             f"write {{{base}}}")
-        if conv:
-            raise ValueError(f"has {shown}: a conversion does not apply to a text column; write {{{name}}}")
-        try:
-            format("", spec)
-        except ValueError:
-            raise ValueError(f"has {shown}: the format spec :{spec} does not apply to text; write {{{name}}}") from None
 
 
 _BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
@@ -196,8 +168,10 @@ class Section:
 
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    preset: str = setting("gpt2", "architecture preset; fills the sizes below unless they are set",
+    preset: str = setting("gpt2", "architecture preset; fills the family and sizes below unless they are set",
                           choices=tuple(MODEL_PRESETS))
+    family: str = setting("gpt2", "model family: gpt2 or llama (the Llama architecture: SmolLM2, TinyLlama)",
+                          choices=FAMILIES, card="family")
     n_layer: int = setting(12, "transformer blocks", card="layers", valid=POSITIVE)
     n_embd: int = setting(768, "model width D", card="width", valid=POSITIVE)
     n_head: int = setting(12, "attention heads (must divide n_embd)", card="heads", valid=POSITIVE)
@@ -205,7 +179,12 @@ class ModelConfig(Section):
     n_positions: int = setting(1024, "context length (position embeddings)", card="context (n_positions)",
                                valid=POSITIVE)
     n_inner: int = setting(0, "MLP width; 0 means 4 * n_embd, as GPT-2", valid=NON_NEGATIVE)
-    layer_norm_epsilon: float = setting(1e-5, "LayerNorm epsilon", valid="(0, inf)")
+    layer_norm_epsilon: float = setting(1e-5, "LayerNorm epsilon (llama: RMSNorm's)", valid="(0, inf)")
+    n_kv_head: int = setting(0, "llama: key/value heads (grouped-query attention); 0 = n_head", valid=NON_NEGATIVE)
+    head_dim: int = setting(0, "llama: dimension of a head; 0 = n_embd / n_head", valid=NON_NEGATIVE)
+    rope_theta: float = setting(10000.0, "llama: base of the rotary position frequencies", valid="(0, inf)")
+    tie_word_embeddings: bool = setting(True, "the LM head is the token embedding (gpt2: always)",
+                                        card="tied embeddings")
     embd_pdrop: float = setting(0.1, "dropout on the embeddings", card="dropout: embeddings", valid=PROBABILITY)
     attn_pdrop: float = setting(0.1, "dropout on attention probabilities", card="dropout: attention",
                                 valid=PROBABILITY)
@@ -231,10 +210,33 @@ class ModelConfig(Section):
         m = self.pad_vocab_to
         return self.vocab_size if m <= 0 else -(-self.vocab_size // m) * m
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
     def check_rules(self) -> None:
-        if self.n_embd % self.n_head:
+        if self.n_embd % self.n_head and not self.head_dim:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                               "choose a head count that divides the width")
+        if self.family == "gpt2" and (self.n_kv_head or self.head_dim or not self.tie_word_embeddings):
+            raise ConfigError("model.n_kv_head, model.head_dim and model.tie_word_embeddings=false apply to "
+                              "model.family=llama only (gpt2 has a key/value head per head and a tied head)")
+        if self.family == "gpt2":
+            return
+        if self.n_head % self.kv_heads:
+            raise ConfigError(f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={self.kv_heads}; "
+                              "each key/value head must serve the same number of query heads")
+        if self.head_size % 2:
+            raise ConfigError(f"rotary positions need an even head dimension (got {self.head_size}); "
+                              "change model.head_dim or model.n_head")
+        drop = [k for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop") if getattr(self, k)]
+        if drop:
+            raise ConfigError(f"model.family=llama has no dropout; set {'=0 '.join(f'model.{k}' for k in drop)}=0 "
+                              "(a llama preset such as model.preset=smollm2-135m does)")
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,7 @@ class OptimConfig(Section):
     eps: float = setting(1e-8, "AdamW epsilon", card="AdamW eps", valid="(0, inf)")
     weight_decay: float = setting(0.01, "decoupled weight decay on weight matrices", card="weight decay",
                                   valid=NON_NEGATIVE)
-    decay_embeddings: bool = setting(True, "also decay wte/wpe (biases and LayerNorms never are)")
+    decay_embeddings: bool = setting(True, "also decay the embedding tables (biases and norms never are)")
     clip_norm: float = setting(1.0, "global-norm gradient clipping; 0 disables it", card="gradient clipping",
                                valid=NON_NEGATIVE)
 

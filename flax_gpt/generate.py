@@ -1,4 +1,4 @@
-"""Sampling from GPT-2 with a KV cache, compiled once per shape bucket.
+"""Sampling from a model of any family with a KV cache, compiled once per shape bucket.
 
 Layout of one call (B rows, T prompt slots, S = T + max_new_tokens cache slots):
 
@@ -18,7 +18,7 @@ EOS (finished rows keep emitting EOS, which is stripped on the host).
 
 Decoding reads the weights in the layout a matrix-vector product reads fastest (see
 `decoding_params`), made once per parameter array and reused across calls; the model itself is
-`GPT2.hidden` with `transposed_kernels=True`.
+the family's `hidden` with `transposed_kernels=True` and the family's decode cache.
 
 Sharded parameters: nothing here names a mesh. Pass parameters placed on any mesh (e.g. from
 `train.state.load_params`) and jit derives the computation's shardings from its inputs.
@@ -33,6 +33,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,8 @@ import numpy as np
 from flax_gpt.config import ModelConfig
 from flax_gpt.data.tokenizer import Tokenizer, load_tokenizer
 from flax_gpt.errors import ConfigError
-from flax_gpt.model.gpt2 import GPT2, abstract_params, init_cache, transpose_kernels
-from flax_gpt.model.hf import load_hf, resolve_source
+from flax_gpt.model.family import family_of, load_hf, model
+from flax_gpt.model.hf import resolve_source
 from flax_gpt.presets import GPT2_EOS_ID, GPT2_VOCAB_SIZE
 from flax_gpt.train.state import load_params
 
@@ -67,21 +68,16 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tupl
 # ----------------------------------------------------------------------------- model calls
 
 
-def _last_hidden(module: GPT2, tokens, positions, cache, cache_index, kv_valid):
+def _last_hidden(module: nn.Module, tokens, positions, cache, cache_index, kv_valid):
     h, cache = module.hidden(tokens, positions, cache=cache, cache_index=cache_index, kv_valid=kv_valid)
     return h[:, -1], cache
 
 
 def decoding_params(params, cfg: ModelConfig) -> dict:
-    """The parameters laid out for decoding, which at small batch is bound by reading the weights.
-
-    On CPU a matrix-vector product reads a weight stored (out, in) faster than (in, out): 1.3x for
-    GPT-2's MLP projection (see `GPT2.transposed_kernels`). So every block kernel is transposed,
-    and the tied head becomes a (D, V) matrix of the real vocab rows only, in the compute dtype
-    (so sampling can never pick a padding id). Same values, another layout: logits are unchanged.
-    """
-    head = params["wte"]["embedding"][: cfg.vocab_size].T.astype(jnp.dtype(cfg.dtype))
-    return {**transpose_kernels(params), "head": head}
+    """The parameters laid out for decoding (the family's `decoding_params`): every block kernel
+    stored (out, in), which a matrix-vector product reads fastest, and "head" the (D, V) matrix of
+    the real vocab rows in the compute dtype (so sampling can never pick a padding id)."""
+    return family_of(cfg).decoding_params(params, cfg)
 
 
 # The transposes read and write every weight (~0.2 s for GPT-2 on CPU), so they are made once per
@@ -92,7 +88,7 @@ _decoding_params_jit = jax.jit(decoding_params, static_argnames=("cfg",))
 
 
 def cached_decoding_params(params, cfg: ModelConfig) -> dict:
-    emb = params["wte"]["embedding"]
+    emb = family_of(cfg).head_embedding(params, cfg)
     key = (id(emb), cfg.vocab_size, cfg.dtype)
     hit = _LAYOUTS.get(key)
     if hit is not None and hit[0]() is emb:
@@ -110,7 +106,7 @@ def _model_params(dparams: dict) -> dict:
 
 
 def _logits(h: jax.Array, head: jax.Array) -> jax.Array:
-    return jnp.dot(h.astype(head.dtype), head).astype(jnp.float32)  # (B,V) float32, as GPT2.logits
+    return jnp.dot(h.astype(head.dtype), head).astype(jnp.float32)  # (B,V) float32, as the model's logits
 
 
 def prefill(dparams, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array, cache_len: int):
@@ -123,9 +119,9 @@ def prefill(dparams, cfg: ModelConfig, tokens: jax.Array, prompt_lens: jax.Array
     pad = T - prompt_lens
     kv_valid = jnp.arange(cache_len)[None, :] >= pad[:, None]
     positions = jnp.maximum(jnp.arange(T)[None, :] - pad[:, None], 0)
-    cache = init_cache(cfg, B, cache_len)
-    h, cache = GPT2(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, tokens, positions, cache,
-                                                        0, kv_valid, method=_last_hidden)
+    cache = family_of(cfg).init_cache(cfg, B, cache_len)
+    h, cache = model(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, tokens, positions,
+                                                         cache, 0, kv_valid, method=_last_hidden)
     return _logits(h, dparams["head"]), cache, kv_valid
 
 
@@ -133,9 +129,9 @@ def decode_step(dparams, cfg: ModelConfig, token: jax.Array, positions: jax.Arra
     """One token per row (B,) at `positions` (B,), written to cache slot `cache_index`.
 
     Returns (next-token logits (B,V), updated cache)."""
-    h, cache = GPT2(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, token[:, None],
-                                                        positions[:, None], cache, cache_index, kv_valid,
-                                                        method=_last_hidden)
+    h, cache = model(cfg, transposed_kernels=True).apply({"params": _model_params(dparams)}, token[:, None],
+                                                         positions[:, None], cache, cache_index, kv_valid,
+                                                         method=_last_hidden)
     return _logits(h, dparams["head"]), cache
 
 
@@ -329,7 +325,7 @@ def load_model(*, run_dir: str | Path | None = None, hf: str | None = None, step
         if step is not None:
             raise ConfigError("--step selects a checkpoint of a run directory; it does not apply to --hf")
         folder = resolve_source(str(hf))
-        cfg, params = load_hf(str(folder), abstract_params, dtype=dtype)
+        cfg, params = load_hf(str(folder), dtype=dtype)
         return LoadedModel(jax.device_put(params), cfg, folder_tokenizer(folder, cfg.vocab_size), folder=folder)
     run_cfg, params, chosen, _ = load_params(run_dir, step)
     cfg = dataclasses.replace(run_cfg.model, remat="none")

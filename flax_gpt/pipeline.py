@@ -20,8 +20,8 @@ from flax_gpt.config import Config, DataConfig, MeshConfig
 from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.export.hf_folder import export_run, require_torch
 from flax_gpt.generate import folder_tokenizer, load_model
-from flax_gpt.model.gpt2 import abstract_params
-from flax_gpt.model.hf import load_hf, read_hf_folder, resolve_source
+from flax_gpt.model.family import load_hf
+from flax_gpt.model.hf import read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.data.prepare import prepare_shards
@@ -165,7 +165,7 @@ def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> t
     target as it was, or marked unfinished, and the same command run again completes it."""
     _check_import_target(run_dir)
     base = base or Config()
-    model_cfg, params = load_hf(src, abstract_params, dtype=base.model.dtype, pad_vocab_to=base.model.pad_vocab_to)
+    model_cfg, params = load_hf(src, dtype=base.model.dtype, pad_vocab_to=base.model.pad_vocab_to)
     cfg = base.replace(model={**dataclasses.asdict(model_cfg), "init_from": src},
                        train={"run_dir": str(run_dir)},
                        data={"seq_len": min(base.data.seq_len, model_cfg.n_positions)}).validate()

@@ -126,7 +126,7 @@ def check_divisible(abstract_params, shardings) -> None:
             size = math.prod(sh.mesh.shape[a] for a in axes)
             if dim % size:
                 name = jax.tree_util.keystr(path, simple=True, separator=".")
-                hint = " (set model.pad_vocab_to=128)" if "wte" in name else ""
+                hint = " (set model.pad_vocab_to=128)" if name.endswith("embedding") and dim % 128 else ""
                 raise ConfigError(
                     f"parameter {name} dimension {dim} is not divisible by mesh axes {axes} of size "
                     f"{size}; change the mesh sizes{hint}"

@@ -78,26 +78,28 @@ def test_export_check_catches_an_unfaithful_export(hf_folder, tmp_path, monkeypa
 
     run = tmp_path / "run"
     pipeline.import_hf(str(hf_folder), run)
-    real = export_mod.to_hf_state_dict
+    real = export_mod.to_hf
 
-    def corrupt(params, cfg):
-        sd = real(params, cfg)
+    def corrupt(params, cfg, eos_id=None):
+        hf_cfg, sd = real(params, cfg, eos_id)
         sd["transformer.ln_f.bias"] = sd["transformer.ln_f.bias"] + 0.5
-        return sd
+        return hf_cfg, sd
 
-    monkeypatch.setattr(export_mod, "to_hf_state_dict", corrupt)
+    monkeypatch.setattr(export_mod, "to_hf", corrupt)
     with pytest.raises(HFError, match="export check failed"):
         export_mod.export_run(run, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gpt2", "shape", "no_weights"])
+@pytest.mark.parametrize("case", ["missing", "unknown_family", "llama_keys", "shape", "no_weights"])
 def test_import_errors_are_one_line(case, hf_folder, tmp_path):
     src = tmp_path / "src"
     if case != "missing":
         src.mkdir()
         cfg = json.loads((hf_folder / "config.json").read_text())
-        if case == "not_gpt2":
+        if case == "unknown_family":
+            cfg["model_type"] = "bert"
+        if case == "llama_keys":  # a Llama config.json needs Llama's keys
             cfg["model_type"] = "llama"
         if case == "shape":
             cfg["n_embd"] = 32
@@ -108,7 +110,7 @@ def test_import_errors_are_one_line(case, hf_folder, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    expected = {"missing": "not found", "not_gpt2": "not 'gpt2'", "shape": "shape", "no_weights": "safetensors"}
+    expected = {"missing": "not found", "unknown_family": "model_type='bert'", "llama_keys": "not a complete LlamaForCausalLM config", "shape": "shape", "no_weights": "safetensors"}
     assert expected[case] in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
 

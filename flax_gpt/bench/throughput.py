@@ -34,6 +34,7 @@ from flax_gpt.model import flops
 from flax_gpt.model.attention import kernel_for
 from flax_gpt.model.loss import choose_kernel as loss_kernel_for
 from flax_gpt.sharding import mesh_shape
+from flax_gpt.model.family import flops_per_token
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.state import StateBuilder, total_steps
 from flax_gpt.train.trainer import Trainer
@@ -107,7 +108,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = 
     seq, batch = cfg.data.seq_len, cfg.train.batch_size
     step = measure_step(cfg, steps=steps, warmup=warmup)
     tokens_per_sec = batch * seq / step["step_time_s"]
-    fpt = flops.flops_per_token(cfg.model, seq)
+    fpt = flops_per_token(cfg.model, seq)
     result = {
         "device_kind": kind, "num_devices": n_dev, "platform": jax.devices()[0].platform,
         "host": {"machine": platform.machine(), "processor": platform.processor() or None,
@@ -142,7 +143,7 @@ def run_bench(cfg: Config, *, steps: int = 10, warmup: int = 2, baseline: str = 
 
 
 def _baseline(cfg: Config, mode: str, *, steps: int, warmup: int, ours: float) -> dict | None:
-    """transformers GPT2LMHeadModel + torch AdamW on the same shapes: eager and/or torch.compile."""
+    """The family's transformers model + torch AdamW on the same shapes: eager and/or torch.compile."""
     if mode == "none":
         return None
     runs = {}

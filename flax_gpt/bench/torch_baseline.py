@@ -1,4 +1,4 @@
-"""PyTorch reference throughput: transformers' GPT2LMHeadModel training on the same shapes.
+"""PyTorch reference throughput: the family's transformers model (as an export loads) training on the same shapes.
 
 The number flax_gpt's trainer is compared against. One training step is what the JAX step does
 with the default optimiser preset: forward with `labels=input_ids` (the model shifts them),
@@ -18,7 +18,7 @@ import time
 import traceback
 
 from flax_gpt.config import ModelConfig
-from flax_gpt.model.flops import flops_per_token
+from flax_gpt.model.family import family_of, flops_per_token
 
 
 def _make_optimizer(torch, params, *, lr: float, weight_decay: float):
@@ -78,19 +78,10 @@ def measure_torch_baseline(
         "loadavg_1m_before": os.getloadavg()[0],
     }
 
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=model_cfg.vocab_size,
-        n_positions=model_cfg.n_positions,
-        n_embd=model_cfg.n_embd,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        n_inner=model_cfg.n_inner or None,
-        layer_norm_epsilon=model_cfg.layer_norm_epsilon,
-        embd_pdrop=model_cfg.embd_pdrop,
-        attn_pdrop=model_cfg.attn_pdrop,
-        resid_pdrop=model_cfg.resid_pdrop,
-    )
-    model = transformers.GPT2LMHeadModel(hf_cfg).to(device)
+    # The config.json an export writes, so the reference is the model transformers would load.
+    config_json = family_of(model_cfg).hf_config(model_cfg)
+    hf_cfg = transformers.AutoConfig.for_model(config_json.pop("model_type"), **config_json)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device)
     model.train()
     result["params"] = model.num_parameters()
     result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)

@@ -35,6 +35,7 @@ from flax_gpt.bench.roofline import hidden_bytes, layout_copies, step_estimate
 from flax_gpt.config import Config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
+from flax_gpt.model.family import flops_per_token
 from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.state import StateBuilder
 
@@ -199,7 +200,7 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
         hidden = hidden_bytes(text)  # what cost_analysis leaves out (kernels, loop trips)
         copies = layout_copies(text)
         del compiled
-    formula = flops.flops_per_token(cfg.model, T) * B * T / n
+    formula = flops_per_token(cfg.model, T) * B * T / n
     peak, bw = flops.peak_flops(kind), HBM_BANDWIDTH[gen]
     xla = ca.get("flops")
     used = step_estimate(xla_flops=xla, formula_flops=formula, xla_bytes=ca.get("bytes accessed"), hidden=hidden,

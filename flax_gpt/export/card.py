@@ -12,7 +12,7 @@ from typing import Any
 
 from flax_gpt.data.sources import source_fingerprint
 from flax_gpt.errors import UserError
-from flax_gpt.model.flops import param_count
+from flax_gpt.model.family import family_of, param_count
 from flax_gpt.hub import is_hub_id
 from flax_gpt.train.metrics import read_metrics
 from flax_gpt.train.run_dir import run_manifest
@@ -60,7 +60,8 @@ def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, licens
     base_model = m.init_from if is_hub_id(m.init_from) else None
     source_meta = meta.get("source")  # import-hf records where the weights came from
 
-    tags = ["gpt2", "text-generation", "jax", "flax", "flax_gpt"] + (["synthetic-data"] if synthetic else [])
+    family = family_of(m)
+    tags = [family.name, "text-generation", "jax", "flax", "flax_gpt"] + (["synthetic-data"] if synthetic else [])
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {license}", "tags:"]
     front += [f"- {tag}" for tag in tags]
     if hub_dataset:
@@ -70,15 +71,15 @@ def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, licens
     front += ["---", ""]
 
     n_params = param_count(dataclasses.replace(m, pad_vocab_to=0))  # as exported: vocab padding stripped
-    title = f"# GPT-2 ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) trained with flax_gpt"
+    title = f"# {family.label} ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) trained with flax_gpt"
     lines = [title, ""]
     if step == 0 and source_meta:
         lines += [f"Weights imported from `{source_meta}` (step 0: not trained by flax_gpt).", ""]
     else:
-        lines += [f"A GPT-2 language model trained from "
+        lines += [f"A {family.label} language model trained from "
                   f"{'`' + m.init_from + '`' if m.init_from else 'scratch'} with "
                   "flax_gpt (JAX/Flax) and exported to a `transformers` "
-                  "`GPT2LMHeadModel` (safetensors).", ""]
+                  f"`{family.hf_architecture}` (safetensors).", ""]
 
     lines += ["## Training data", ""]
     if synthetic:

@@ -1,4 +1,4 @@
-"""The export side of the HF bridge: write a `transformers` GPT2LMHeadModel folder (safetensors,
+"""The export side of the HF bridge: write a `transformers` folder of the model's family (safetensors,
 tokenizer, generation config, model card), reload it with transformers, compare logits with ours,
 and only then put it in place.
 
@@ -27,15 +27,14 @@ from flax_gpt.config import ModelConfig
 from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import HFError, StorageError, UserError
 from flax_gpt.export.card import model_card
-from flax_gpt.model.gpt2 import GPT2
-from flax_gpt.model.hf import hf_config_dict, to_hf_state_dict
+from flax_gpt.model.family import model, to_hf
 from flax_gpt.train.state import load_params
 
 
 def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2",
               dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
               check=None, origin: str = "") -> Path:
-    """Write an HF GPT2LMHeadModel folder; `check(folder)` runs on the finished local folder before
+    """Write an HF model folder (the family's transformers class); `check(folder)` runs on the finished local folder before
     it is put in place (moved, or for a bucket uploaded). `origin`: the run it was exported from,
     recorded in the folder's marker."""
     out = out_dir
@@ -61,13 +60,12 @@ def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2
 def _write_folder(tmp: Path, params: dict, cfg: ModelConfig, tokenizer: str, dtype: str,
                   extra_files: dict[str, str] | None, origin: str) -> None:
     """The export's files in the staging folder `tmp`, its marker last (listing them)."""
-    sd = to_hf_state_dict(params, cfg)
+    tok = load_tokenizer(tokenizer)
+    hf_cfg, sd = to_hf(params, cfg, tok.eos_id)
     if dtype == "bfloat16":
         sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
-    tok = load_tokenizer(tokenizer)
-    hf_cfg = hf_config_dict(cfg, tok.eos_id)
     hf_cfg["torch_dtype"] = dtype
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     gen = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
@@ -99,7 +97,7 @@ def probe_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 
 
 
 def require_torch() -> None:
-    """The export check loads the folder with transformers' PyTorch GPT2LMHeadModel."""
+    """The export check loads the folder with transformers' PyTorch model class."""
     try:
         import torch  # noqa: F401  (deferred: torch is only needed to check exports)
     except ImportError:
@@ -111,11 +109,12 @@ def torch_logits(hf_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of the exported folder loaded by transformers (float32, CPU)."""
     require_torch()
     import torch  # deferred: heavy, and only the export check needs it
-    from transformers import GPT2LMHeadModel  # deferred with torch
+    from transformers import AutoModelForCausalLM  # deferred with torch
 
-    model = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    # The class config.json names by its model_type, the family's own.
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
+        return hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
 
 
 def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: float) -> float:
@@ -145,7 +144,7 @@ def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bo
     if dtype == "bfloat16":  # compare against exactly the weights transformers will read
         host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), host)
     fp32 = dataclasses.replace(cfg.model, dtype="float32")
-    apply = jax.jit(lambda p, t: GPT2(fp32).apply({"params": p}, t))
+    apply = jax.jit(lambda p, t: model(fp32).apply({"params": p}, t))
     diffs = []
 
     def check(folder):

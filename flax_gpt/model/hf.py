@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401 - names bfloat16 for numpy, so safetensors.numpy reads bf16 checkpoints
 import numpy as np
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download

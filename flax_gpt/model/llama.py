@@ -40,6 +40,7 @@ from flax_gpt.model.gpt2 import (  # shared layers
     _matmul,
     attention_mask,
 )
+from flax_gpt.presets import MODEL_PRESETS
 from flax_gpt.sharding import constrain
 
 Cache = tuple  # one {"k": (B,G,K,S), "v": (B,G,S,K)} dict per layer
@@ -100,16 +101,10 @@ class LlamaConfig:
             raise ConfigError(f"rotary positions need an even head dim (got {self.head_size})")
 
 
-# Architecture presets (HF config.json of each model). SmolLM2-135M: 134,515,008 parameters;
-# TinyLlama-1.1B: 1,100,048,384.
+# The Llama presets of presets.py, as LlamaConfig fields.
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"n_layer": 30, "n_embd": 576, "n_head": 9, "n_kv_head": 3, "n_inner": 1536,
-                     "vocab_size": 49152, "n_positions": 8192, "rope_theta": 100000.0,
-                     "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
-    "tinyllama-1.1b": {"n_layer": 22, "n_embd": 2048, "n_head": 32, "n_kv_head": 4, "n_inner": 5632,
-                       "vocab_size": 32000, "n_positions": 2048, "rope_theta": 10000.0,
-                       "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False},
-}
+    name: {k: v for k, v in p.items() if k in LlamaConfig.__dataclass_fields__}
+    for name, p in MODEL_PRESETS.items() if p.get("family") == "llama"}
 
 
 def preset_config(name: str, **overrides: Any) -> LlamaConfig:

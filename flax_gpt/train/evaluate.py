@@ -15,7 +15,7 @@ from tqdm import tqdm
 from flax_gpt.config import ModelConfig
 from flax_gpt.data.loader import EvalLoader
 from flax_gpt.errors import DataError
-from flax_gpt.model.gpt2 import GPT2, abstract_params
+from flax_gpt.model.family import abstract_params, model
 from flax_gpt.sharding import batch_sharding, on_mesh, param_shardings, replicated
 from flax_gpt.train.step import eval_step
 
@@ -29,7 +29,7 @@ class Evaluator:
         self.document_mask, self.packing = document_mask, packing
         self.batch_sh = batch_sharding(mesh)
         self._param_sh = param_shardings(mesh, abstract_params(model_cfg, boxed=True))
-        self._model, self._fns = GPT2(model_cfg), {}
+        self._model, self._fns = model(model_cfg), {}
 
     def eval_fn(self, eos_id: int):
         """The jitted eval step for a document separator (compiled once per id)."""

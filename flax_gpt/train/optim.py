@@ -120,7 +120,7 @@ def decay_mask(params, *, decay_embeddings: bool = True):
 
     GPT-2 practice (and nanoGPT's `p.dim() >= 2` rule): decay the weight matrices only. Biases and
     LayerNorm scale/bias are never decayed: shrinking a LayerNorm scale toward 0 or a bias toward 0
-    has no regularising meaning and only fights the model. Embedding tables (`wte`, `wpe`) are
+    has no regularising meaning and only fights the model. Embedding tables are
     matrices too; whether to decay them is a recipe choice, so it is a setting.
 
     Decided by the leaf's own name (Flax: `kernel` for Dense/Conv1D, `embedding` for Embed), read

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from flax_gpt import storage
 from flax_gpt.config import Config, MeshConfig
 from flax_gpt.errors import ConfigError
-from flax_gpt.model.gpt2 import GPT2, abstract_params, init_params
-from flax_gpt.model.hf import load_hf
+from flax_gpt.model.family import abstract_params, init_params, load_hf, model
 from flax_gpt.presets import GPT2_EOS_ID
 from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings, replicated,
                                tree_shardings_like_params)
@@ -53,7 +52,7 @@ class StateBuilder:
     def __init__(self, cfg: Config, total_steps: int, *, devices=None, eos_id: int = GPT2_EOS_ID):
         self.cfg, self.total_steps = cfg, int(total_steps)
         self.mesh = make_mesh(cfg.mesh, devices)
-        self.model = GPT2(cfg.model)
+        self.model = model(cfg.model)
         self.schedule = make_schedule(cfg.optim, self.total_steps)
         self.tx = build_optimizer(cfg.optim, self.total_steps)
         boxed = abstract_params(cfg.model, boxed=True)

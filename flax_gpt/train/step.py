@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from flax_gpt.model.gpt2 import GPT2
 from flax_gpt.model.loss import cross_entropy_sums
 
 
@@ -35,13 +35,13 @@ def document_positions(inputs: jax.Array, eos_id: int) -> tuple[jax.Array, jax.A
     return idx - (before + 1), segment_ids
 
 
-def _hidden_and_head(module: GPT2, tokens, positions, segment_ids, deterministic: bool):
-    """Final hidden states (B,T,D) in the compute dtype and the tied head (V_padded,D), float32."""
+def _hidden_and_head(module: nn.Module, tokens, positions, segment_ids, deterministic: bool):
+    """Final hidden states (B,T,D) in the compute dtype and the LM head (V_padded,D), float32."""
     h, _ = module.hidden(tokens, positions, segment_ids, deterministic=deterministic)
-    return h, module.wte.embedding
+    return h, module.head()
 
 
-def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, eos_id: int, dropout_rng=None,
+def loss_sums(params, model: nn.Module, batch: dict, *, document_mask: bool, eos_id: int, dropout_rng=None,
               full_logits: bool = False):
     """(sum of next-token NLL over target positions, number of target positions), both float32.
 
@@ -64,7 +64,7 @@ def loss_sums(params, model: GPT2, batch: dict, *, document_mask: bool, eos_id: 
     return cross_entropy_sums(h, head, batch["targets"], batch["loss_mask"], vocab_size=model.cfg.vocab_size)
 
 
-def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule, grad_accum: int, document_mask: bool, eos_id: int) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch split into `grad_accum` micro-batches.
 
@@ -114,6 +114,6 @@ def train_step(state: TrainState, batch: dict, *, model: GPT2, tx: optax.Gradien
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, model: GPT2, document_mask: bool, eos_id: int) -> dict:
+def eval_step(params, batch: dict, *, model: nn.Module, document_mask: bool, eos_id: int) -> dict:
     loss_sum, count = loss_sums(params, model, batch, document_mask=document_mask, eos_id=eos_id)
     return {"loss_sum": loss_sum, "tokens": count}

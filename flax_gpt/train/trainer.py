@@ -19,7 +19,7 @@ from flax_gpt import storage
 from flax_gpt.config import Config, profile_range
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.errors import TrainError
-from flax_gpt.model import flops
+from flax_gpt.model.family import flops_per_token
 from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
@@ -54,7 +54,7 @@ class Trainer:
                                config=cfg)
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         thr = Throughput(tokens_per_step=tokens_per_step, n_devices=jax.device_count(),
-                         flops_per_token=flops.flops_per_token(cfg.model, cfg.data.seq_len),
+                         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
                          device_kind=jax.devices()[0].device_kind)
         bar = ProgressBar(total_steps, start, disable=not (is_main and cfg.train.progress))
         profile = profile_range(cfg.train.profile_steps) if cfg.train.profile_steps else None
