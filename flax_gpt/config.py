@@ -35,14 +35,16 @@ POSITIVE, NON_NEGATIVE, PROBABILITY = "[1, inf)", "[0, inf)", "[0, 1)"
 
 
 def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "",
-            legacy: dict | None = None, valid: str = "", check=None) -> Any:
+            legacy: dict | None = None, valid: str = "", check=None, architecture: bool = False) -> Any:
     """Declare a config field: default, meaning, effect (RESULT or RUN), allowed values, card label, and
     `legacy`: values older configs and run directories hold, read as their present equivalents.
 
     `valid`: the numbers the field takes, as intervals joined by "or": "[0, 1)", "(0, inf)", "-1 or [1, inf)".
-    `check`: a function given a set (non-empty) value; it raises ValueError saying what is wrong."""
+    `check`: a function given a set (non-empty) value; it raises ValueError saying what is wrong.
+    `architecture`: the field shapes or defines the parameters (a checkpoint made with another value
+    does not fit this model)."""
     meta = {"doc": doc, "effect": effect, "choices": tuple(choices), "card": card, "legacy": legacy or {},
-            "valid": valid, "bounds": _bounds(valid), "check": check}
+            "valid": valid, "bounds": _bounds(valid), "check": check, "architecture": architecture}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -171,20 +173,25 @@ class ModelConfig(Section):
     preset: str = setting("gpt2", "architecture preset; fills the family and sizes below unless they are set",
                           choices=tuple(MODEL_PRESETS))
     family: str = setting("gpt2", "model family: gpt2 or llama (the Llama architecture: SmolLM2, TinyLlama)",
-                          choices=FAMILIES, card="family")
-    n_layer: int = setting(12, "transformer blocks", card="layers", valid=POSITIVE)
-    n_embd: int = setting(768, "model width D", card="width", valid=POSITIVE)
-    n_head: int = setting(12, "attention heads (must divide n_embd)", card="heads", valid=POSITIVE)
-    vocab_size: int = setting(GPT2_VOCAB_SIZE, "vocabulary size (GPT-2: 50257)", card="vocab", valid=POSITIVE)
+                          choices=FAMILIES, card="family", architecture=True)
+    n_layer: int = setting(12, "transformer blocks", card="layers", valid=POSITIVE, architecture=True)
+    n_embd: int = setting(768, "model width D", card="width", valid=POSITIVE, architecture=True)
+    n_head: int = setting(12, "attention heads (must divide n_embd)", card="heads", valid=POSITIVE,
+                          architecture=True)
+    vocab_size: int = setting(GPT2_VOCAB_SIZE, "vocabulary size (GPT-2: 50257)", card="vocab", valid=POSITIVE,
+                              architecture=True)
     n_positions: int = setting(1024, "context length (position embeddings)", card="context (n_positions)",
-                               valid=POSITIVE)
-    n_inner: int = setting(0, "MLP width; 0 means 4 * n_embd, as GPT-2", valid=NON_NEGATIVE)
+                               valid=POSITIVE, architecture=True)
+    n_inner: int = setting(0, "MLP width; 0 means 4 * n_embd, as GPT-2", valid=NON_NEGATIVE, architecture=True)
     layer_norm_epsilon: float = setting(1e-5, "LayerNorm epsilon (llama: RMSNorm's)", valid="(0, inf)")
-    n_kv_head: int = setting(0, "llama: key/value heads (grouped-query attention); 0 = n_head", valid=NON_NEGATIVE)
-    head_dim: int = setting(0, "llama: dimension of a head; 0 = n_embd / n_head", valid=NON_NEGATIVE)
-    rope_theta: float = setting(10000.0, "llama: base of the rotary position frequencies", valid="(0, inf)")
+    n_kv_head: int = setting(0, "llama: key/value heads (grouped-query attention); 0 = n_head", valid=NON_NEGATIVE,
+                             architecture=True)
+    head_dim: int = setting(0, "llama: dimension of a head; 0 = n_embd / n_head", valid=NON_NEGATIVE,
+                            architecture=True)
+    rope_theta: float = setting(10000.0, "llama: base of the rotary position frequencies", valid="(0, inf)",
+                                architecture=True)
     tie_word_embeddings: bool = setting(True, "the LM head is the token embedding (gpt2: always)",
-                                        card="tied embeddings")
+                                        card="tied embeddings", architecture=True)
     embd_pdrop: float = setting(0.1, "dropout on the embeddings", card="dropout: embeddings", valid=PROBABILITY)
     attn_pdrop: float = setting(0.1, "dropout on attention probabilities", card="dropout: attention",
                                 valid=PROBABILITY)
@@ -197,7 +204,7 @@ class ModelConfig(Section):
     attention: str = setting("auto", "attention kernel: auto (splash on TPU, cudnn on NVIDIA GPUs when they apply, "
                              "else xla), xla, cudnn or splash", effect=RUN, choices=("auto", "xla", "cudnn", "splash"))
     pad_vocab_to: int = setting(0, "pad the embedding's vocab rows to a multiple of this (0 = off); never exported",
-                                valid=NON_NEGATIVE)
+                                valid=NON_NEGATIVE, architecture=True)
     init_from: str = setting("", "start from: Hub id, HF folder or run directory; empty = GPT-2's own init",
                              effect=RUN, card="initialised from")
 
@@ -213,6 +220,10 @@ class ModelConfig(Section):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    def architecture(self) -> dict:
+        """The fields declared `architecture=True`: what a checkpoint of this model must match."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("architecture")}
 
     @property
     def head_size(self) -> int:

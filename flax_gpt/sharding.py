@@ -19,12 +19,19 @@ from flax_gpt.config import MeshConfig
 from flax_gpt.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
+
+
+def batch_shards(mesh_sizes) -> int:
+    """How many parts a batch is split into, from a mesh's {axis: size} (a Mesh's `shape`, or a
+    compile result's "mesh")."""
+    return math.prod(mesh_sizes[a] for a in BATCH_AXES)
 
 # Logical axis -> mesh axes. Batch is split over data and fsdp (FSDP is data parallelism with
 # sharded parameters); the width "embed" is what FSDP shards; tensor parallelism splits the
 # vocab, the fused qkv columns, the MLP width and the attention output rows (Megatron style).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("qkv", "tensor"),
@@ -68,7 +75,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """(B, T) batches: B over data x fsdp, T replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 # Activations are split like the batches: the residual stream (B, T, D) over the batch only, the
@@ -76,7 +83,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # XLA's propagation, an FSDP-sharded parameter's layout (width split over fsdp) can win and drop
 # the batch split, so every device computes the whole batch (seen compiling for TPU: fsdp=4 held
 # 4.9x the temporaries of data=4 and did 1.2x the FLOPs).
-ACTIVATIONS = {"residual": P(("data", "fsdp"), None, None), "logits": P(("data", "fsdp"), None, "tensor")}
+ACTIVATIONS = {"residual": P(BATCH_AXES, None, None), "logits": P(BATCH_AXES, None, "tensor")}
 
 
 def constrain(x: jax.Array, kind: str) -> jax.Array:

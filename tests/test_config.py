@@ -100,3 +100,18 @@ def test_colon_values_stay_text_in_overrides_and_files(tmp_path):
     f.write_text("train:\n  profile_steps: 10:15\n  steps: 30\noptim:\n  learning_rate: 3.0e-4\n")
     cfg = load_config(str(f), [])
     assert (cfg.train.profile_steps, cfg.train.steps, cfg.optim.learning_rate) == ("10:15", 30, 3e-4)
+
+
+def test_a_checkpoint_must_match_every_architecture_field_and_only_those():
+    """The fields declared `architecture=True` are the ones a restored or imported model is checked
+    against: each one that differs is named in one line; a field that does not shape the parameters
+    (dropout, dtype, remat) may differ."""
+    from flax_gpt.train.run_dir import check_same_architecture
+
+    base = build_config(overrides=["model.preset=tiny-llama"]).model
+    assert set(base.architecture()) == {"family", "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner",
+                                        "pad_vocab_to", "n_kv_head", "head_dim", "rope_theta", "tie_word_embeddings"}
+    check_same_architecture(base, dataclasses.replace(base, attn_pdrop=0.3, dtype="bfloat16", remat="full"), "ckpt")
+    for name, value in [("n_kv_head", 4), ("rope_theta", 500000.0), ("tie_word_embeddings", True)]:
+        with pytest.raises(ConfigError, match=rf"ckpt has model.{name}={value} but the config says model.{name}="):
+            check_same_architecture(base, dataclasses.replace(base, **{name: value}), "ckpt")

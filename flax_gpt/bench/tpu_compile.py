@@ -37,6 +37,7 @@ from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
 from flax_gpt.model.family import flops_per_token
 from flax_gpt.process import wait_interruptibly
+from flax_gpt.sharding import batch_shards
 from flax_gpt.train.state import StateBuilder
 
 GiB = 1024**3
@@ -234,7 +235,7 @@ def compile_for_topology(cfg: Config, topology: str, *, find_max_batch: bool = F
 
     gen, shape, devices = topology_devices(topology)
     result = {"topology": topology, "topology_shape": shape, **compile_step(cfg, gen, devices, say=phase)}
-    shards = result["mesh"]["data"] * result["mesh"]["fsdp"]
+    shards = batch_shards(result["mesh"])
     unit = shards * cfg.train.grad_accum  # every batch shard gets whole micro-batches
     if not find_max_batch or cfg.train.batch_size % unit:  # else the search's first line says this
         phase(f"{result['hbm_per_device_bytes']['total'] / GiB:.2f} of {result['hbm_capacity_bytes'] / GiB:.2f} GiB "

@@ -166,8 +166,8 @@ def run_manifest(run_dir, cfg: Config) -> dict | None:
 
 
 def check_same_architecture(want: ModelConfig, got: ModelConfig, source: str) -> None:
-    for k in ("family", "n_layer", "n_embd", "n_head", "vocab_size", "n_positions", "n_inner", "pad_vocab_to",
-              "n_kv_head", "head_dim", "rope_theta", "tie_word_embeddings"):
-        if getattr(want, k) != getattr(got, k):
+    wanted, found = want.architecture(), got.architecture()
+    for k in wanted:
+        if wanted[k] != found[k]:
             raise ConfigError(f"{source} has model.{k}={getattr(got, k)} but the config says "
                               f"model.{k}={getattr(want, k)}; set model.preset/{k} to match it")

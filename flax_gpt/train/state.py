@@ -20,8 +20,8 @@ from flax_gpt.config import Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.family import abstract_params, init_params, load_hf, model
 from flax_gpt.presets import GPT2_EOS_ID
-from flax_gpt.sharding import (batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings, replicated,
-                               tree_shardings_like_params)
+from flax_gpt.sharding import (batch_shards, batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings,
+                               replicated, tree_shardings_like_params)
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.host_memory import GiB, check_host_memory, local_bytes, n_params, on_cpu, training_need
 from flax_gpt.train.optim import build_optimizer, make_schedule
@@ -72,7 +72,7 @@ class StateBuilder:
         check_host_memory(need, parts, f"training {cfg.model.n_layer} layers x {cfg.model.n_embd} wide "
                           f"({n_params(self.abstract_params) / 1e9:.2f}B parameters) on CPU", fix=_SMALLER)
         self.batch_sh = batch_sharding(self.mesh)
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shards = batch_shards(self.mesh.shape)
         micro = cfg.train.batch_size // cfg.train.grad_accum
         if micro % shards:
             raise ConfigError(f"micro-batch {micro} (train.batch_size / train.grad_accum) is not divisible by the "
