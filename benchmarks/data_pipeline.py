@@ -82,8 +82,9 @@ def timed_process(cmd: list[str], env=None) -> tuple[float, float]:
 
 def bench_prepare(reps: int, tmp: Path) -> dict:
     cfg = tmp / "bench.yaml"
-    cfg.write_text(json.dumps({"model": {"preset": "gpt2"}, "data": {"source": FILES, "template": TEMPLATE, "seq_len": 1024,
-                                        "shards_dir": str(tmp / "shards"), "val_fraction": 0.05}}))
+    data = {"source": FILES, "template": TEMPLATE, "seq_len": 1024, "shards_dir": str(tmp / "shards"),
+            "val_fraction": 0.05}
+    cfg.write_text(json.dumps({"model": {"preset": "gpt2"}, "data": data}))
     runs = [timed_process([sys.executable, "-m", "flax_gpt.cli", "prepare", str(cfg), "--overwrite"])
             for _ in range(reps)]
     manifest = json.loads((tmp / "shards" / "manifest.json").read_text())
@@ -96,8 +97,8 @@ def bench_prepare(reps: int, tmp: Path) -> dict:
 
 def bench_bare(reps: int) -> dict:
     from flax_gpt.config import DataConfig
-    from flax_gpt.data.tokenizer import load_tokenizer
     from flax_gpt.data.sources import read_documents
+    from flax_gpt.data.tokenizer import load_tokenizer
 
     texts = read_documents(DataConfig(source=FILES, template=TEMPLATE)).texts
     tok = load_tokenizer("gpt2")
@@ -123,7 +124,8 @@ def bench_bare(reps: int) -> dict:
         hf_runs.append(time.perf_counter() - t0)
     return {"tiktoken_seconds": min(runs), "cpu_seconds": min(cpu), "runs": runs, "tokens": n,
             "tokens_per_s": n / min(runs), "threads": threads,
-            "encode_concat_seconds": min(concat), "encode_concat_tokens_per_s": (n + len(texts)) / min(concat), "tokenizers_batch_seconds": min(hf_runs),
+            "encode_concat_seconds": min(concat), "encode_concat_tokens_per_s": (n + len(texts)) / min(concat),
+            "tokenizers_batch_seconds": min(hf_runs),
             "tokenizers_batch_tokens_per_s": n / min(hf_runs), "documents": len(texts)}
 
 
@@ -147,7 +149,8 @@ def bench_usual(reps: int, tmp: Path) -> dict:
 def bench_loader(shards_dir: str, steps: int, batch: int = 64) -> dict:
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from flax_gpt.data.loader import TrainLoader
     from flax_gpt.data.shards import open_split

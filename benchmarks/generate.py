@@ -78,8 +78,8 @@ def build(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from flax_gpt.config import ModelConfig
-    from flax_gpt.model.hf import from_hf_state_dict
     from flax_gpt.model.gpt2 import abstract_params
+    from flax_gpt.model.hf import from_hf_state_dict
 
     torch.manual_seed(seed)
     hf_cfg = GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,

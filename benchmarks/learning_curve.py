@@ -10,6 +10,7 @@ machine). Not imported by tests.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
@@ -42,9 +43,10 @@ def main() -> None:
         ]
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "flax_gpt.cli", "train", "configs/tiny.yaml", *overrides], check=True)
-        records = [json.loads(l) for l in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
         manifest = json.loads((Path(tmp) / "shards" / "manifest.json").read_text())
-    evals = [{"step": r["step"], "val_loss": r["val_loss"], "perplexity": r["perplexity"]} for r in records if "val_loss" in r]
+    evals = [{"step": r["step"], "val_loss": r["val_loss"], "perplexity": r["perplexity"]}
+             for r in records if "val_loss" in r]
     result = {
         "benchmark": "learning_curve_arxiv",
         "machine": {"platform": platform.platform(), "device_kind": jax.devices()[0].device_kind,
@@ -56,7 +58,7 @@ def main() -> None:
         "eval": evals,
         "train_loss_first_last": [next(r["loss"] for r in records if "loss" in r),
                                   [r["loss"] for r in records if "loss" in r][-1]],
-        "monotone_val_loss": all(a["val_loss"] > b["val_loss"] for a, b in zip(evals, evals[1:])),
+        "monotone_val_loss": all(a["val_loss"] > b["val_loss"] for a, b in itertools.pairwise(evals)),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(evals))

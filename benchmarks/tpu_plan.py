@@ -100,9 +100,10 @@ def table(doc: dict) -> str:
         mfu = f"{r['est_mfu']:.0%}" if r["est_mfu"] and r["fits"] else "–"
         gb = r.get("bytes_accessed_per_device_step_used")
         gb = f"{gb / 1e9:.1f}" if gb else "–"
-        lines.append(f"| {model} | {sl} ({r['chips']}, {r['hosts']}) | {mesh} | {r['batch_size']} | {fit} | {gb} | {mb} "
-                     f"| {tps} | {mfu} | {r['compile_time_s']:.0f} s |")
-    tail = f"\n\nNot compiled yet (a rerun of benchmarks/tpu_plan.py fills them): {'; '.join(missing)}." if missing else ""
+        lines.append(f"| {model} | {sl} ({r['chips']}, {r['hosts']}) | {mesh} | {r['batch_size']} | {fit} | {gb} "
+                     f"| {mb} | {tps} | {mfu} | {r['compile_time_s']:.0f} s |")
+    tail = (f"\n\nNot compiled yet (a rerun of benchmarks/tpu_plan.py fills them): {'; '.join(missing)}."
+            if missing else "")
     return head + "\n".join(lines) + tail
 
 
@@ -120,7 +121,7 @@ def main() -> int:
         print(table(doc))
         return 0
     t_start = time.time()
-    over = lambda: args.budget_min and time.time() - t_start > 60 * args.budget_min  # noqa: E731
+    over = lambda: args.budget_min and time.time() - t_start > 60 * args.budget_min
     stages = [(st, m, s) for st, m, s in PRIORITY if m in args.models and s in args.slices
               and not (st == "max" and args.no_max_batch)]
     for stage, model, sl in stages:

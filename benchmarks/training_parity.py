@@ -466,8 +466,9 @@ def cmd_parity(args) -> dict:
               for a, b in zip(torch_recs, flax_recs)]
     result = {
         "benchmark": "training_parity", "mode": "free", "variant": variant, "seed": args.seed,
-        "steps": args.steps, "every": args.every, "machine": machine(), "optim_resolved": o, "grad_accum": grad_accum, "document_mask": document_mask,
-        "model": MODEL, "batch": [16, 128], "torch_clip": args.torch_clip, "flax_wall_s": flax_wall, "torch_wall_s": torch_wall,
+        "steps": args.steps, "every": args.every, "machine": machine(), "optim_resolved": o, "grad_accum": grad_accum,
+        "document_mask": document_mask, "model": MODEL, "batch": [16, 128], "torch_clip": args.torch_clip,
+        "flax_wall_s": flax_wall, "torch_wall_s": torch_wall,
         "max_abs_loss_diff": max(loss_d), "argmax_loss_diff_step": int(np.argmax(loss_d)) + 1,
         "mean_abs_loss_diff": float(np.mean(loss_d)),
         "max_rel_grad_norm_diff": max(gn_rel), "max_lr_diff": max(lr_rel),
@@ -681,8 +682,9 @@ def cmd_summary(args) -> None:
               f"max grad-norm rel diff {r['max_rel_grad_norm_diff']:.2e}, max lr diff {r['max_lr_diff']:.1e}")
     for p in sorted(out.glob(f"{PREFIX}lockstep_*.json")):
         r = json.loads(p.read_text())
-        print(f"lockstep {r['variant']:8s} steps {r['steps']}: max|dloss| {r['max_abs_loss_diff']:.1e}, update rel diff "
-              f"median {r['median_update_rel_diff']:.1e} max {r['max_update_rel_diff']:.1e} (without key biases: "
+        print(f"lockstep {r['variant']:8s} steps {r['steps']}: max|dloss| {r['max_abs_loss_diff']:.1e}, "
+              f"update rel diff median {r['median_update_rel_diff']:.1e} max {r['max_update_rel_diff']:.1e} "
+              f"(without key biases: "
               f"{r.get('median_update_rel_diff_no_key_bias', float('nan')):.1e} / "
               f"{r.get('max_update_rel_diff_no_key_bias', float('nan')):.1e}), max grad-norm rel diff "
               f"{r['max_rel_grad_norm_diff']:.1e}, max lr rel diff {r['max_lr_rel_diff']:.1e}")
@@ -695,7 +697,8 @@ def cmd_summary(args) -> None:
         r = json.loads(p.read_text())
         by.setdefault((r["side"], r.get("tag") or ""), []).append(r["heldout_loss"])
     for (side, tag), v in sorted(by.items()):
-        print(f"{side:5s} {tag:12s} n={len(v)} heldout {np.mean(v):.4f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.4f} "
+        spread = np.std(v, ddof=1) if len(v) > 1 else 0
+        print(f"{side:5s} {tag:12s} n={len(v)} heldout {np.mean(v):.4f} +- {spread:.4f} "
               f"(min {min(v):.4f} max {max(v):.4f})")
 
 
