@@ -302,6 +302,9 @@ class OptimConfig(Section):
     b1: float = setting(0.9, "AdamW beta1", card="AdamW b1", valid=PROBABILITY)
     b2: float = setting(0.999, "AdamW beta2", card="AdamW b2", valid=PROBABILITY)
     eps: float = setting(1e-8, "AdamW epsilon", card="AdamW eps", valid="(0, inf)")
+    mu_dtype: str = setting("float32", "AdamW first moment's dtype: bfloat16 halves its memory and traffic "
+                            "(the second moment stays float32)", choices=("float32", "bfloat16"),
+                            card="AdamW first moment")
     weight_decay: float = setting(0.01, "decoupled weight decay on weight matrices", card="weight decay",
                                   valid=NON_NEGATIVE)
     decay_embeddings: bool = setting(True, "also decay the embedding tables (biases and norms never are)")

@@ -300,3 +300,32 @@ def test_keras_preset_has_eps_1e7_and_no_clipping():
     params = gpt2_tree(np.random.default_rng(0))
     ours = run_optax(cfg, params, 3)
     assert_trees_close(ours, run_torch(cfg, params, 3, eps=1e-7, clip_norm=0.0), atol=1e-6)
+
+
+def test_a_bfloat16_first_moment_stores_mu_in_bfloat16_and_moves_the_update_by_its_rounding_only():
+    """optim.mu_dtype=bfloat16 keeps AdamW's first moment in bfloat16 (half its bytes and traffic);
+    the second moment, the parameters and the update stay float32. optax rounds m when it stores
+    it, so the first step is exact; the second reads m1 = (1 - b1) g rounded to bfloat16 and
+    multiplies it by b1 in bfloat16: b1 itself, m1 and their product are each rounded once, a
+    relative error d with |d| <= (1 + 2^-8)^3 - 1.
+    With the same gradient g twice: m2 = b1 m1 (1 + d) + (1 - b1) g, and the bias-corrected update
+    lr * m2 / (1 - b1^2) / (sqrt(v2_hat) + eps) moves by at most b1 / (1 + b1) * |d| of itself
+    (plus float32 rounding)."""
+    params = {"kernel": jax.random.normal(jax.random.key(0), (64, 32)), "bias": jnp.zeros((32,))}
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 1e-2, params)
+    updates = {}
+    for mu_dtype in ("float32", "bfloat16"):
+        cfg = build_config(overrides=[f"optim.mu_dtype={mu_dtype}", "optim.clip_norm=0", "optim.weight_decay=0"]).optim
+        tx = build_optimizer(cfg, total_steps=10)
+        state = tx.init(params)
+        adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
+        assert {x.dtype for s in adam for x in jax.tree.leaves(s.mu)} == {jnp.dtype(mu_dtype)}
+        assert {x.dtype for s in adam for x in jax.tree.leaves(s.nu)} == {jnp.dtype("float32")}
+        _, state = tx.update(grads, state, params)
+        updates[mu_dtype], _ = tx.update(grads, state, params)
+    b1 = cfg.b1
+    for name in params:
+        f32, bf16 = np.asarray(updates["float32"][name]), np.asarray(updates["bfloat16"][name])
+        assert bf16.dtype == np.float32
+        np.testing.assert_array_less(np.abs(bf16 - f32), (b1 / (1 + b1) * ((1 + 2.0**-8) ** 3 - 1) + 1e-6) * np.abs(f32) + 1e-30)
+        assert not np.array_equal(bf16, f32)  # the rounding is really there

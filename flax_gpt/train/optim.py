@@ -156,6 +156,7 @@ def build_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfo
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,
+        mu_dtype=jnp.bfloat16 if cfg.mu_dtype == "bfloat16" else None,  # None: the parameters' (float32)
         weight_decay=cfg.weight_decay,
         # A callable, so the mask is rebuilt from whatever tree the state is initialised with.
         mask=functools.partial(decay_mask, decay_embeddings=cfg.decay_embeddings),
