@@ -26,7 +26,8 @@ from typing import Any
 
 from flax_gpt.config_checks import text_template
 from flax_gpt.errors import ConfigError
-from flax_gpt.presets import FAMILIES, GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS, SCHEDULES
+from flax_gpt.presets import FAMILIES, GPT2_VOCAB_SIZE, MODEL_PRESETS, OPTIM_PRESETS
+from flax_gpt.schedules import SCHEDULES
 
 RESULT, RUN = "result", "run"
 # Seeds feed jax.random.key and numpy's generators as unsigned 32-bit words; the step counter is int32.
@@ -34,17 +35,20 @@ SEEDS, STEPS = "[0, 4294967295]", "[0, 2147483647]"
 POSITIVE, NON_NEGATIVE, PROBABILITY = "[1, inf)", "[0, inf)", "[0, 1)"
 
 
-def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple = (), card: str = "",
+def setting(default: Any, doc: str, *, effect: str = RESULT, choices: tuple | dict = (), card: str = "",
             legacy: dict | None = None, valid: str = "", check=None, architecture: bool = False) -> Any:
     """Declare a config field: default, meaning, effect (RESULT or RUN), allowed values, card label, and
     `legacy`: values older configs and run directories hold, read as their present equivalents.
 
+    `choices`: the allowed values, or a registry (a dict) whose keys they are, read at each check, so
+    the registry stays the one list of them.
     `valid`: the numbers the field takes, as intervals joined by "or": "[0, 1)", "(0, inf)", "-1 or [1, inf)".
     `check`: a function given a set (non-empty) value; it raises ValueError saying what is wrong.
     `architecture`: the field shapes or defines the parameters (a checkpoint made with another value
     does not fit this model)."""
-    meta = {"doc": doc, "effect": effect, "choices": tuple(choices), "card": card, "legacy": legacy or {},
-            "valid": valid, "bounds": _bounds(valid), "check": check, "architecture": architecture}
+    meta = {"doc": doc, "effect": effect, "choices": choices if isinstance(choices, dict) else tuple(choices),
+            "card": card, "legacy": legacy or {}, "valid": valid, "bounds": _bounds(valid), "check": check,
+            "architecture": architecture}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)

@@ -1,5 +1,5 @@
-"""Named values a config refers to: GPT-2's tokenizer constants, model sizes, optimizer presets and
-the learning-rate schedules' names. Adding a model preset is one line here; a preset of another
+"""Named values a config refers to: GPT-2's tokenizer constants, model sizes and optimizer presets
+(the learning-rate schedules are declared in schedules.py). Adding a model preset is one line here; a preset of another
 family than GPT-2 names its `family` (flax_gpt/model/family.py builds each)."""
 
 from __future__ import annotations
@@ -40,6 +40,3 @@ OPTIM_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0),
     "keras": dict(b1=0.9, b2=0.999, eps=1e-7, clip_norm=0.0, warmup_steps=0),
 }
-
-# Learning-rate schedules (each with linear warmup; built in train/optim.py).
-SCHEDULES = ("exponential", "cosine", "linear", "constant", "wsd")

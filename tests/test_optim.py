@@ -124,10 +124,11 @@ def test_cosine_matches_torch_cosine_annealing_after_warmup():
 
 
 def test_schedule_registry_is_the_configs_choice_list():
-    from flax_gpt.presets import SCHEDULES as CONFIG_SCHEDULES
-    from flax_gpt.train.optim import SCHEDULES
+    from flax_gpt.schedules import SCHEDULES
 
-    assert tuple(SCHEDULES) == CONFIG_SCHEDULES
+    choices = {f.name: f for f in dataclasses.fields(OptimConfig)}["schedule"].metadata["choices"]
+    assert choices is SCHEDULES
+    assert tuple(choices) == ("exponential", "cosine", "linear", "constant", "wsd")
 
 
 # ---------------------------------------------------------------------------------------------

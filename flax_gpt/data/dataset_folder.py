@@ -17,7 +17,7 @@ import yaml
 from etils import epath
 
 from flax_gpt import storage
-from flax_gpt.data.readers import LOCAL_SUFFIXES, check_file
+from flax_gpt.data.readers import check_file, is_data_file
 from flax_gpt.errors import DataError
 
 SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test", "eval")
@@ -92,7 +92,7 @@ def _data_files(folder: epath.Path) -> list[epath.Path]:
     out = []
     for p in storage.files_under(folder):
         rel = str(p)[len(str(folder)):].lstrip("/")
-        if not any(part.startswith(".") for part in rel.split("/")) and p.suffix.lower() in LOCAL_SUFFIXES:
+        if not any(part.startswith(".") for part in rel.split("/")) and is_data_file(p):
             out.append(p)
     return out
 

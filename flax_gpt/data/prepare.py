@@ -224,25 +224,9 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     fingerprint = fingerprint_of(settings)
     folder = storage.location(out)
 
-    old = None
-    if (folder / MANIFEST_NAME).exists():
-        try:
-            old = read_manifest(out)
-        except DataError:
-            if not overwrite:
-                raise
-        if old is not None and not overwrite:
-            if old.get("fingerprint") != fingerprint:
-                raise DataError(
-                    f"{out} already holds shards prepared from different inputs (differs in: "
-                    f"{_settings_diff(old.get('settings', {}), settings)}); pass --overwrite to replace "
-                    "them (flax-gpt train: --overwrite-data) or set another data.shards_dir")
-            try:
-                check_all_shards(out, old, verify=verify)
-                log(f"shards in {out} match the inputs (fingerprint {old['fingerprint'][:12]}); reusing them")
-                return old
-            except DataError as e:
-                log(f"existing shards are damaged ({e}); rebuilding them from the same inputs")
+    old = _old_manifest(out, overwrite)
+    if old is not None and not overwrite and _reusable(out, old, settings, fingerprint, verify, log):
+        return old
 
     t0 = time.perf_counter()
     started = []
@@ -260,13 +244,7 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     before = _state_of(out, set_aside=old is not None)
     with ThreadPoolExecutor(threads) as pool:
         for i in mine:
-            if _read_part(out, i, fingerprint) is not None:
-                log(f"unit {i} ({source.units[i].key}) was finished by an earlier run; kept")
-                continue
-            part = prepare_unit(source.units[i], i, cfg, tokenizer, out, pool, threads, start_writing)
-            part.update(fingerprint=fingerprint, dtype=dtype.name, seq_len=cfg.seq_len)
-            start_writing()
-            storage.write_atomic(folder / PART.format(i), json.dumps(part))
+            _write_unit(source.units[i], i, cfg, tokenizer, out, pool, threads, start_writing, fingerprint, log)
     parts = [_read_part(out, i, fingerprint) for i in range(len(source.units))]
     if any(p is None for p in parts):
         log(f"process {process_id}/{num_processes}: units {mine} written; the manifest is written by the "
@@ -280,16 +258,62 @@ def prepare_shards(cfg, *, overwrite: bool = False, verify: bool = False, log=pr
     start_writing()
     write_manifest(out, manifest)
     _remove_stale(folder, manifest)
-    total = sum(s["tokens"] for s in manifest["splits"].values())
-    log(f"read {manifest['stats']['documents']:,} documents from {source.description}"
-        + (f" ({manifest['stats']['empty_dropped']} empty dropped)" if manifest["stats"]["empty_dropped"] else ""))
-    if cfg.val_fraction > 0 and manifest["splits"]["val"]["rows"] == 0:
-        log(f"warning: the validation split has no rows ({manifest['splits']['val']['tokens']:,} tokens < "
+    _log_written(manifest, cfg, out, source.description, time.perf_counter() - t0, log)
+    return manifest
+
+
+def _old_manifest(out, overwrite: bool) -> dict | None:
+    """The manifest already in `out`, or None: there is none, or it is unreadable and being overwritten."""
+    if not (storage.location(out) / MANIFEST_NAME).exists():
+        return None
+    try:
+        return read_manifest(out)
+    except DataError:
+        if not overwrite:
+            raise
+        return None
+
+
+def _reusable(out, old: dict, settings: dict, fingerprint: str, verify: bool, log) -> bool:
+    """Whether the shards in `out` were prepared from these inputs and are whole; DataError when
+    they come from other inputs."""
+    if old.get("fingerprint") != fingerprint:
+        raise DataError(
+            f"{out} already holds shards prepared from different inputs (differs in: "
+            f"{_settings_diff(old.get('settings', {}), settings)}); pass --overwrite to replace "
+            "them (flax-gpt train: --overwrite-data) or set another data.shards_dir")
+    try:
+        check_all_shards(out, old, verify=verify)
+    except DataError as e:
+        log(f"existing shards are damaged ({e}); rebuilding them from the same inputs")
+        return False
+    log(f"shards in {out} match the inputs (fingerprint {old['fingerprint'][:12]}); reusing them")
+    return True
+
+
+def _write_unit(unit: Unit, index: int, cfg, tokenizer, out, pool: ThreadPoolExecutor, threads: int, start_writing,
+                fingerprint: str, log) -> None:
+    """Prepare one unit and record its part, unless an earlier run already finished it."""
+    if _read_part(out, index, fingerprint) is not None:
+        log(f"unit {index} ({unit.key}) was finished by an earlier run; kept")
+        return
+    part = prepare_unit(unit, index, cfg, tokenizer, out, pool, threads, start_writing)
+    part.update(fingerprint=fingerprint, dtype=token_dtype(tokenizer.vocab_size).name, seq_len=cfg.seq_len)
+    start_writing()
+    storage.write_atomic(storage.location(out) / PART.format(index), json.dumps(part))
+
+
+def _log_written(manifest: dict, cfg, out, description: str, seconds: float, log) -> None:
+    stats, splits = manifest["stats"], manifest["splits"]
+    total = sum(s["tokens"] for s in splits.values())
+    log(f"read {stats['documents']:,} documents from {description}"
+        + (f" ({stats['empty_dropped']} empty dropped)" if stats["empty_dropped"] else ""))
+    if cfg.val_fraction > 0 and splits["val"]["rows"] == 0:
+        log(f"warning: the validation split has no rows ({splits['val']['tokens']:,} tokens < "
             f"data.seq_len {cfg.seq_len}); training will run without evaluation - raise data.val_fraction "
             "or add text")
-    log(f"wrote {sum(s['rows'] for s in manifest['splits'].values()):,} rows ({total:,} tokens) to {out} in "
-        f"{time.perf_counter() - t0:.1f}s")
-    return manifest
+    log(f"wrote {sum(s['rows'] for s in splits.values()):,} rows ({total:,} tokens) to {out} in "
+        f"{seconds:.1f}s")
 
 
 def _merge(parts: list[dict], cfg, tokenizer, source, settings: dict, fingerprint: str, dtype) -> dict:

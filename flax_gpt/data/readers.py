@@ -2,6 +2,9 @@
 file is read whole): .csv, .parquet, .jsonl/.ndjson, .json, .txt, a Hub dataset (downloaded, or
 streamed with data.streaming), a `save_to_disk` folder. Local or bucket files alike (etils.epath).
 
+`FORMATS` is the one list of file formats: suffix -> reader. Which files a source, folder or dataset
+snapshot takes, and how each is read, follow from it; a new format is one entry there.
+
 Bytes that are not valid UTF-8 are replaced (one U+FFFD per bad byte) and counted in the table.
 """
 
@@ -13,8 +16,8 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +26,6 @@ from etils import epath
 from flax_gpt import storage
 from flax_gpt.errors import DataError
 
-LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".ndjson", ".parquet", ".txt")
 _ESCAPED = re.compile("[\udc80-\udcff]")  # bytes smuggled through by the surrogateescape codec
 _PARAGRAPH_END = re.compile(r"^\s*$")
 
@@ -46,9 +48,9 @@ def check_file(path) -> epath.Path:
     device or socket is refused before anything opens it: a source is read twice (hashed, then
     parsed), and opening such a file blocks until a writer appears or never ends."""
     path = epath.Path(str(path))
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
+    if not is_data_file(path):
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use one of "
-                        f"{', '.join(LOCAL_SUFFIXES)}, or a dataset folder")
+                        f"{', '.join(FORMATS)}, or a dataset folder")
     if not storage.is_remote(path):
         mode = os.stat(str(path)).st_mode
         if not stat.S_ISREG(mode):
@@ -91,23 +93,18 @@ def _text_stream(path: epath.Path):
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
+def is_data_file(path) -> bool:
+    """Whether `path`'s suffix names a format we read (`FORMATS`)."""
+    return epath.Path(str(path)).suffix.lower() in FORMATS
+
+
 def read_file(path: epath.Path, batch: int) -> Iterator[Table]:
-    """The file's rows in batches of at most `batch` (a .json file in one batch)."""
-    suffix, name = path.suffix.lower(), str(path)
+    """The file's rows in batches of at most `batch` (a .json file in one batch), read as its
+    suffix's entry in `FORMATS` says."""
     try:
-        if suffix == ".parquet":
-            yield from _read_parquet(path, batch)
-        elif suffix == ".csv":
-            yield from _read_csv(path, batch)
-        elif suffix in (".jsonl", ".ndjson"):
-            yield from _read_jsonl(path, batch)
-        elif suffix == ".json":
-            text, bad = decode_bytes(path.read_bytes())
-            yield _read_json(text.removeprefix("\ufeff"), name, bad)
-        else:
-            yield from _read_txt(path, batch)
+        yield from FORMATS[path.suffix.lower()](path, batch)
     except (UnicodeError, pa.ArrowException) as e:
-        raise DataError(f"{name}: cannot be read ({type(e).__name__}: {str(e)[:120]}); check the file") from None
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:120]}); check the file") from None
 
 
 def _read_parquet(path: epath.Path, batch: int) -> Iterator[Table]:
@@ -198,6 +195,12 @@ def _read_jsonl(path: epath.Path, batch: int) -> Iterator[Table]:
         yield Table(_columns_from_records(records, str(path)), str(path), bad)
 
 
+def _read_json_file(path: epath.Path, batch: int) -> Iterator[Table]:
+    """A .json file, whole: its objects are not a stream (`batch` does not apply)."""
+    text, bad = decode_bytes(path.read_bytes())
+    yield _read_json(text.removeprefix("\ufeff"), str(path), bad)
+
+
 def _read_json(text: str, name: str, bad: int) -> Table:
     try:
         obj = json.loads(text) if text.strip() else []
@@ -235,6 +238,18 @@ def _read_txt(path: epath.Path, batch: int) -> Iterator[Table]:
         docs.append(text)
         bad += n
     yield Table({"text": docs}, str(path), bad)
+
+
+# The file formats: suffix (lower case) -> reader(path, batch) -> its rows as Tables of at most
+# `batch` rows. The order is the order error messages list them in.
+FORMATS: dict[str, Callable[[epath.Path, int], Iterator[Table]]] = {
+    ".csv": _read_csv,  # a header row
+    ".json": _read_json_file,  # a list of objects, or an object of equal-length column lists
+    ".jsonl": _read_jsonl,  # one object a line
+    ".ndjson": _read_jsonl,
+    ".parquet": _read_parquet,
+    ".txt": _read_txt,  # one column, `text`: one document per paragraph
+}
 
 
 def _dataset_batches(ds, name: str, batch: int) -> Iterator[Table]:

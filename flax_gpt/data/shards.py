@@ -88,9 +88,7 @@ def _count(value, least: int = 0) -> bool:
 
 def _manifest_problem(m: dict) -> str | None:
     """What a readable-version manifest lacks that readers index without looking, or None."""
-    tok = m.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("name"), str) or not _count(tok.get("vocab_size"), 1) \
-            or not _count(tok.get("eos_id")) or tok["eos_id"] >= tok["vocab_size"]:
+    if not _tokenizer_ok(m.get("tokenizer")):
         return "no tokenizer {name, vocab_size, eos_id < vocab_size}"
     if not _count(m.get("seq_len"), 1):
         return f"seq_len {m.get('seq_len')!r} is not a positive integer"
@@ -100,17 +98,27 @@ def _manifest_problem(m: dict) -> str | None:
         return f"dtype {m.get('dtype')!r} is not uint16 or uint32 (token ids are unsigned)"
     if not isinstance(m.get("fingerprint"), str) or not isinstance(m.get("packing"), str):
         return "no fingerprint or packing"
-    splits = m.get("splits")
+    return _splits_problem(m.get("splits"))
+
+
+def _tokenizer_ok(tok) -> bool:
+    return isinstance(tok, dict) and isinstance(tok.get("name"), str) and _count(tok.get("vocab_size"), 1) \
+        and _count(tok.get("eos_id")) and tok["eos_id"] < tok["vocab_size"]
+
+
+def _splits_problem(splits) -> str | None:
     if not isinstance(splits, dict) or not splits:
         return "no splits"
     for name, split in splits.items():
         shards = split.get("shards") if isinstance(split, dict) else None
-        if not isinstance(shards, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("file"), str) and Path(e["file"]).name == e["file"]
-                and _count(e.get("rows")) and _count(e.get("bytes")) and isinstance(e.get("sha256"), str)
-                for e in shards):
+        if not isinstance(shards, list) or not all(_shard_entry_ok(e) for e in shards):
             return f"split {name!r} has no list of shards {{file, rows, bytes, sha256}}"
     return None
+
+
+def _shard_entry_ok(e) -> bool:
+    return isinstance(e, dict) and isinstance(e.get("file"), str) and Path(e["file"]).name == e["file"] \
+        and _count(e.get("rows")) and _count(e.get("bytes")) and isinstance(e.get("sha256"), str)
 
 
 def local_copy(shards_dir, manifest: dict) -> Path:

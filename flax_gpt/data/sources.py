@@ -15,10 +15,11 @@ folders, a Hub dataset, or the synthetic generator.
      (`data.streaming=true` streams it instead of downloading it first)
   5. anything else (`data/x.csv`, `./x`, `a/b/c` that do not exist) -> DataError naming the missing path
 
-Local formats, chosen by extension: .csv (header row), .json (a list of objects, or an object of
-equal-length column lists; read whole), .jsonl/.ndjson (one object a line), .parquet, .txt (one
-column, `text`; one document per paragraph: blank lines separate documents). All but .json are
-read in batches of `data.read_batch_docs` rows, so memory does not grow with the corpus.
+Local formats, chosen by extension (`readers.FORMATS`, the one list): .csv (header row), .json (a
+list of objects, or an object of equal-length column lists; read whole), .jsonl/.ndjson (one object
+a line), .parquet, .txt (one column, `text`; one document per paragraph: blank lines separate
+documents). All but .json are read in batches of `data.read_batch_docs` rows, so memory does not
+grow with the corpus.
 
 Work is split into units (one per input file; one for a Hub dataset, a saved dataset or the
 synthetic corpus). Each unit has a stable key; `prepare` shards, splits and distributes work by unit.
@@ -47,11 +48,11 @@ from etils import epath
 from flax_gpt import hub, storage
 from flax_gpt.data import synthetic
 from flax_gpt.data.dataset_folder import is_saved_dataset, readme_configs, snapshot_files
-from flax_gpt.data.readers import LOCAL_SUFFIXES, Table, check_file, read_file, read_hub, read_saved
+from flax_gpt.data.readers import FORMATS, Table, check_file, is_data_file, read_file, read_hub, read_saved
 from flax_gpt.errors import DataError
 
-# A missing name ending so is a mistyped file, never a Hub dataset id (ids may hold dots too).
-FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow")
+# Files we do not read (besides `FORMATS`): a missing name ending so is still no Hub dataset id.
+_OTHER_FILE_SUFFIXES = (".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".arrow")
 
 
 @dataclass
@@ -91,16 +92,7 @@ def resolve_source(source: Any, cfg=None) -> tuple[str, Any]:
     """("synthetic", "synthetic") | ("files", [paths]) | ("saved", folder) | ("hub", id);
     DataError when none fits."""
     if isinstance(source, (list, tuple)):
-        if not source:
-            raise DataError("data.source is an empty list; give at least one file, glob or folder")
-        paths: list = []
-        for item in source:
-            kind, found = resolve_source(str(item), cfg)
-            if kind != "files":
-                raise DataError(f"data.source list item {item!r} is not a file, glob or folder of files; "
-                                "lists may only hold files")
-            paths += [p for p in found if p not in paths]
-        return "files", paths
+        return "files", _list_files(source, cfg)
     text = str(source).strip()
     if text == "synthetic":
         return "synthetic", "synthetic"
@@ -109,38 +101,65 @@ def resolve_source(source: Any, cfg=None) -> tuple[str, Any]:
     remote = storage.is_remote(text)
     if remote:
         storage.check_reachable(text, "data.source")
-    path = epath.Path(text if remote else os.path.expanduser(text))
     if any(c in text for c in "*?["):
-        if remote:
-            fs, _ = storage._fs(text)
-            found = [epath.Path(f"{text.split('://')[0]}://{p}") for p in sorted(fs.glob(text))]
-        else:
-            found = [epath.Path(p) for p in sorted(globlib.glob(os.path.expanduser(text), recursive=True))]
-        files = [p for p in found if not p.is_dir()]  # a FIFO among them is refused, not skipped
-        if not files:
-            raise DataError(f"data.source glob {text!r} matches no files; check the pattern and "
-                            "the working directory")
-        return "files", [check_file(p) for p in files]
+        return "files", _glob_files(text, remote)
+    path = epath.Path(text if remote else os.path.expanduser(text))
     if path.is_dir():
-        if is_saved_dataset(path):
-            return "saved", path
-        if readme_configs(path) is not None or (path / "data").is_dir():
-            split = cfg or _Split()
-            return "files", snapshot_files(path, split.hf_split, split.hf_name)
-        files = [check_file(p) for p in sorted(path.iterdir()) if p.suffix.lower() in LOCAL_SUFFIXES and
-                 not p.is_dir()]
-        if not files:
-            raise DataError(f"folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files and is not a dataset "
-                            "folder (save_to_disk, or a Hub repo snapshot); point data.source at the files")
-        return "files", files
+        return _resolve_folder(path, cfg)
     if path.exists():
         return "files", [check_file(path)]
-    looks_like_file = Path(text).suffix.lower() in FILE_SUFFIXES
-    if not remote and hub.is_hub_id(text) and not looks_like_file:
+    if not remote and hub.is_hub_id(text) and not _looks_like_file(text):
         return "hub", text
     where = "" if remote else f" (from {os.getcwd()})"
     raise DataError(f"data.source path not found: {text}{where}; fix the path, or use "
                     "synthetic, or a Hub dataset id like imdb or CShorten/ML-ArXiv-Papers")
+
+
+def _list_files(source: list | tuple, cfg) -> list:
+    """The files of a list of sources, each once, in order; every item must resolve to files."""
+    if not source:
+        raise DataError("data.source is an empty list; give at least one file, glob or folder")
+    paths: list = []
+    for item in source:
+        kind, found = resolve_source(str(item), cfg)
+        if kind != "files":
+            raise DataError(f"data.source list item {item!r} is not a file, glob or folder of files; "
+                            "lists may only hold files")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def _glob_files(pattern: str, remote: bool) -> list[epath.Path]:
+    if remote:
+        fs, _ = storage._fs(pattern)
+        found = [epath.Path(f"{pattern.split('://')[0]}://{p}") for p in sorted(fs.glob(pattern))]
+    else:
+        found = [epath.Path(p) for p in sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))]
+    files = [p for p in found if not p.is_dir()]  # a FIFO among them is refused, not skipped
+    if not files:
+        raise DataError(f"data.source glob {pattern!r} matches no files; check the pattern and "
+                        "the working directory")
+    return [check_file(p) for p in files]
+
+
+def _resolve_folder(path: epath.Path, cfg) -> tuple[str, Any]:
+    """A saved dataset, a Hub dataset snapshot's files for the configured split, or the folder's data files."""
+    if is_saved_dataset(path):
+        return "saved", path
+    if readme_configs(path) is not None or (path / "data").is_dir():
+        split = cfg or _Split()
+        return "files", snapshot_files(path, split.hf_split, split.hf_name)
+    files = [check_file(p) for p in sorted(path.iterdir()) if is_data_file(p) and not p.is_dir()]
+    if not files:
+        raise DataError(f"folder {path} holds no {'/'.join(FORMATS)} files and is not a dataset "
+                        "folder (save_to_disk, or a Hub repo snapshot); point data.source at the files")
+    return "files", files
+
+
+def _looks_like_file(text: str) -> bool:
+    """A missing name ending so is a mistyped file, never a Hub dataset id (ids may hold dots too)."""
+    suffix = Path(text).suffix.lower()
+    return suffix in FORMATS or suffix in _OTHER_FILE_SUFFIXES
 
 
 @dataclass
@@ -276,11 +295,6 @@ class DocumentCounter:
         self.empty_dropped += len(raw) - len(texts)
         self.invalid_utf8_replaced += table.invalid_utf8
         return texts
-
-    def merge(self, other: "DocumentCounter") -> None:
-        self.rows_read += other.rows_read
-        self.empty_dropped += other.empty_dropped
-        self.invalid_utf8_replaced += other.invalid_utf8_replaced
 
 
 def check_not_empty(num_docs: int, counter: DocumentCounter, description: str) -> None:

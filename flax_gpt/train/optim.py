@@ -1,6 +1,6 @@
-"""The optax chain: a learning-rate schedule from a small registry (exponential as Keras'
-ExponentialDecay, the default; cosine, linear, constant, warmup-stable-decay; all with linear
-warmup and built knowing the run's total steps), global-norm clipping, and AdamW with a
+"""The optax chain: a learning-rate schedule from the registry in flax_gpt/schedules.py (exponential
+as Keras' ExponentialDecay, the default; cosine, linear, constant, warmup-stable-decay; all with
+linear warmup and built knowing the run's total steps), global-norm clipping, and AdamW with a
 GPT-2-correct weight-decay mask.
 
 Gradient accumulation is not here: the train step averages micro-batch gradients itself and calls
@@ -16,82 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from flax_gpt.config import OptimConfig
-
-
-def _exponential(cfg: OptimConfig, total_steps: int):
-    """Keras' `ExponentialDecay(learning_rate, decay_steps, decay_rate, staircase)` after warmup:
-    lr * decay_rate ** (s / decay_steps), with floor(s / decay_steps) when staircase. The decay clock
-    s starts at the end of warmup (s = step - warmup_steps), so the peak lr is reached exactly once
-    and `decay_steps` means the same thing with or without warmup; without warmup this is Keras'
-    schedule unchanged. Needs no run length."""
-
-    def decay(s):
-        p = s / cfg.decay_steps
-        if cfg.staircase:  # a Python bool from the config, so no traced branch
-            p = jnp.floor(p)
-        return cfg.learning_rate * jnp.power(jnp.float32(cfg.decay_rate), p)
-
-    return decay
-
-
-def _decay_length(cfg: OptimConfig, total_steps: int) -> float:
-    return float(max(1, total_steps - cfg.warmup_steps))
-
-
-def _cosine(cfg: OptimConfig, total_steps: int):
-    """Half a cosine from the peak to peak * min_lr_ratio at the last step (transformers'
-    `get_cosine_with_min_lr_schedule_with_warmup`; torch's CosineAnnealingLR with eta_min)."""
-    n = _decay_length(cfg, total_steps)
-
-    def decay(s):
-        factor = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(s / n, 1.0)))
-        return cfg.learning_rate * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
-
-    return decay
-
-
-def _linear(cfg: OptimConfig, total_steps: int):
-    """A straight line from the peak to peak * min_lr_ratio at the last step
-    (transformers' `get_linear_schedule_with_warmup` when min_lr_ratio is 0)."""
-    n = _decay_length(cfg, total_steps)
-
-    def decay(s):
-        return cfg.learning_rate * (1.0 - (1.0 - cfg.min_lr_ratio) * jnp.minimum(s / n, 1.0))
-
-    return decay
-
-
-def _constant(cfg: OptimConfig, total_steps: int):
-    """The peak, after warmup (transformers' `get_constant_schedule_with_warmup`)."""
-    return lambda s: jnp.full_like(s, cfg.learning_rate)
-
-
-def _wsd(cfg: OptimConfig, total_steps: int):
-    """Warmup-stable-decay: the peak until the last `decay_fraction` of the run, then a straight
-    line to peak * min_lr_ratio (transformers' `get_wsd_schedule`, decay_type="linear")."""
-    n_decay = max(1, int(cfg.decay_fraction * total_steps))
-    stable = max(0, total_steps - cfg.warmup_steps - n_decay)
-
-    def decay(s):
-        progress = jnp.clip((s - stable) / n_decay, 0.0, 1.0)
-        return cfg.learning_rate * (1.0 - (1.0 - cfg.min_lr_ratio) * progress)
-
-    return decay
-
-
-# name -> (builder(cfg, total_steps) -> decay(steps since warmup), needs the run length)
-SCHEDULES = {
-    "exponential": (_exponential, False),
-    "cosine": (_cosine, True),
-    "linear": (_linear, True),
-    "constant": (_constant, False),
-    "wsd": (_wsd, True),
-}
+from flax_gpt.schedules import SCHEDULES
 
 
 def needs_run_length(cfg: OptimConfig) -> bool:
     """Whether the schedule depends on the run's total steps (then changing it changes the result)."""
-    return SCHEDULES[cfg.schedule][1]
+    return SCHEDULES[cfg.schedule].needs_run_length
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -102,7 +32,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     `optim.schedule` with its clock starting at the end of warmup. float32 like Keras (which casts
     the step to the lr's dtype): exact for steps below 2**24.
     """
-    decay = SCHEDULES[cfg.schedule][0](cfg, total_steps)
+    decay = SCHEDULES[cfg.schedule].decay(cfg, total_steps, jnp)
     lr, warmup = cfg.learning_rate, cfg.warmup_steps
 
     def schedule(step):
