@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from flax_gpt.data.sources import source_fingerprint
-from flax_gpt.errors import UserError
 from flax_gpt.hub import is_hub_id
 from flax_gpt.model.family import family_of, param_count
 from flax_gpt.train.metrics import read_metrics
@@ -22,15 +21,19 @@ MODEL_ID_PLACEHOLDER = "path/to/this/folder"
 
 
 def describe_data(data_cfg, manifest: dict | None) -> tuple[str, bool]:
-    """(one-sentence description of the training corpus, whether it is synthetic)."""
+    """(one-sentence description of the training corpus, whether it is synthetic).
+
+    The shards' manifest records both, next to the corpus fingerprint `prepare` computed, so the
+    card never opens the corpus again. Without the manifest (shards moved or deleted since
+    training) the config describes it: hashing local files only to name them would read the whole
+    corpus, and they may have changed since."""
     if manifest:
         return str(manifest["source"]["description"]), bool(manifest["source"].get("synthetic"))
-    try:
-        _, desc, synthetic = source_fingerprint(data_cfg)
-    except (UserError, OSError):  # the files may be gone since training; the card still gets written
-        src = data_cfg.source
-        desc, synthetic = (f"Hugging Face dataset {src}" if is_hub_id(src) else f"{src}"), src == "synthetic"
-    return str(desc), synthetic
+    src = data_cfg.source
+    if isinstance(src, str) and src.strip() == "synthetic":  # described by its settings: nothing is read
+        _, desc, _ = source_fingerprint(data_cfg)
+        return str(desc), True
+    return (f"Hugging Face dataset {src}" if is_hub_id(src) else f"{src}"), False
 
 
 def final_validation(run_dir: str | Path) -> dict | None:
