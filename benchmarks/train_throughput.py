@@ -4,7 +4,7 @@
     python benchmarks/train_throughput.py --gpu                 # GPU set: distilgpt2 seq 1024 bf16
     python benchmarks/train_throughput.py configs/tiny.yaml model.preset=gpt2 ...   # any config
 
-Each run writes one JSON file to benchmarks/results/ naming the device (see flax_gpt/bench.py for
+Each run writes one JSON file to benchmarks/results/ naming the device (see flax_gpt/bench/throughput.py for
 what is measured and how). Not imported by tests.
 """
 

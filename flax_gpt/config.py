@@ -80,26 +80,53 @@ def _kind(typ: Any) -> str:
 
 
 def _as_type(value: Any, typ: Any) -> Any:
-    """`value` (as YAML or a caller gave it) as `typ`; ValueError (TypeError, OverflowError) when it is not one."""
+    """`value` (as YAML or a caller gave it) as `typ`; ValueError, TypeError or OverflowError when it is not one."""
     if isinstance(typ, types.UnionType):
-        for member in typing.get_args(typ):
-            with contextlib.suppress(ValueError, TypeError, OverflowError):
-                return _as_type(value, member)
-        raise ValueError
+        return _as_one_of(value, typing.get_args(typ))
     if (typing.get_origin(typ) or typ) is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError
-        return [_as_type(v, (typing.get_args(typ) or (Any,))[0]) for v in value]
-    if typ is bool and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[value.strip().lower()]
-    if typ is Any or (typ is bool and isinstance(value, bool)):
+        return _as_list(value, (typing.get_args(typ) or (Any,))[0])
+    if typ is bool:
+        return _as_bool(value)
+    if typ is Any:
         return value
-    if typ is bool or isinstance(value, bool) or not isinstance(value, (int, float, str, os.PathLike)):
-        raise ValueError  # YAML reads yes/no/on/off as booleans: never a number or a text here
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, os.PathLike)):
+        raise TypeError  # YAML reads yes/no/on/off as booleans: never a number or a text here
     if typ is str:
-        if isinstance(value, float):
-            raise ValueError  # 1.10 would read as "1.1": a text that looks like a number must be quoted
-        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+        return _as_text(value)
+    return _as_number(value, typ)
+
+
+def _as_one_of(value: Any, members: tuple) -> Any:
+    """`value` as the first of a union's `members` it is."""
+    for member in members:
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            return _as_type(value, member)
+    raise ValueError
+
+
+def _as_list(value: Any, item: Any) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError
+    return [_as_type(v, item) for v in value]
+
+
+def _as_bool(value: Any) -> bool:
+    """A boolean, or one of the words YAML or a command line spells one with; never a number."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in _BOOL_WORDS:
+        return _BOOL_WORDS[word]
+    raise ValueError
+
+
+def _as_text(value: float | str | os.PathLike) -> str:
+    if isinstance(value, float):
+        raise TypeError  # 1.10 would read as "1.1": a text that looks like a number must be quoted
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+
+def _as_number(value: float | str | os.PathLike, typ: Any) -> float:
     if typ is int and isinstance(value, str):
         with contextlib.suppress(ValueError):
             return int(value)

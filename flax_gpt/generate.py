@@ -138,14 +138,6 @@ def decode_step(dparams, cfg: ModelConfig, token: jax.Array, positions: jax.Arra
 # ----------------------------------------------------------------------------- filtering
 
 
-def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
-    """Keep the k largest logits per row (ties with the k-th kept too, as transformers); others -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, -jnp.inf, logits)
-
-
 def _top_p_keep_sorted(sorted_logits: jax.Array, p) -> jax.Array:
     """Mask over descending logits: the smallest prefix whose probability reaches p (>= 1 token).
 

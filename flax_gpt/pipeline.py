@@ -12,11 +12,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 
 from flax_gpt import storage
 from flax_gpt.config import Config, DataConfig, MeshConfig
+from flax_gpt.data.prepare import prepare_shards
+from flax_gpt.data.shards import open_split
 from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.export.hf_folder import export_run, require_torch
 from flax_gpt.generate import folder_tokenizer, load_model
@@ -24,8 +27,6 @@ from flax_gpt.model.family import load_hf
 from flax_gpt.model.hf import read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
 from flax_gpt.train.checkpoint import Checkpointer
-from flax_gpt.data.prepare import prepare_shards
-from flax_gpt.data.shards import open_split
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
@@ -108,43 +109,71 @@ def evaluate(run_dir=None, *, hf: str | None = None, step=None, data=None, text_
         raise ConfigError(f"--data {data} is a prepared shards folder; --text-column and --template apply to "
                           "text sources only")
     if hf is not None:
-        if data is None:
-            raise ConfigError("--hf has no validation split of its own; pass --data SOURCE (files, a dataset "
-                              "folder, a Hub dataset or a run's shards folder) to evaluate it on")
-        model = load_model(hf=hf, step=step)
-        model_cfg, params, chosen, document_mask = model.cfg, model.params, None, False
-        tokenizer = str(model.folder) if model.tokenizer.name != "gpt2" else "gpt2"
-        seq_len = seq_len or (None if shards else min(model_cfg.n_positions, 1024))
+        scored = _hf_scored(hf, step, data, shards, seq_len, batch_size)
     else:
-        cfg = read_run_config(run_dir)
-        _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
-        model_cfg, document_mask, tokenizer = cfg.model, cfg.data.document_mask, cfg.data.tokenizer
-        batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-        if data is None and seq_len not in (None, cfg.data.seq_len):
-            raise ConfigError(f"--seq-len {seq_len} does not apply to the run's own validation split (rows of "
-                              f"data.seq_len={cfg.data.seq_len}); pass --data to score other text at another length")
-        seq_len = seq_len or (None if shards else cfg.data.seq_len)
-    if seq_len is not None and seq_len > model_cfg.n_positions:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_cfg.n_positions}")
+        scored = _run_scored(run_dir, step, mesh, data, shards, seq_len)
+    model_cfg = scored.model_cfg
+    if scored.seq_len is not None and scored.seq_len > model_cfg.n_positions:
+        raise ConfigError(f"--seq-len {scored.seq_len} exceeds the model's context n_positions={model_cfg.n_positions}")
     with tempfile.TemporaryDirectory(prefix="flax_gpt-eval-") as tmp:
         if data is None:
-            rows, described = open_splits(cfg)[1], f"validation split of {cfg.data.shards_dir}"
+            rows, described = open_splits(scored.cfg)[1], f"validation split of {scored.cfg.data.shards_dir}"
         elif shards:
-            rows, described = _shards_rows(data, model_cfg.vocab_size, seq_len)
+            rows, described = _shards_rows(data, model_cfg.vocab_size, scored.seq_len)
         else:
-            fields = {"text_column": text_column} if text_column else {}
-            data_cfg = DataConfig(source=data, template=template or "", tokenizer=tokenizer, seq_len=seq_len,
-                                  val_fraction=0.0, shards_dir=str(Path(tmp) / "shards"), **fields)
-            say(f"tokenizing and packing {data} into rows of {seq_len} tokens")
-            manifest = prepare_shards(data_cfg, log=None)
-            rows, described = open_split(data_cfg.shards_dir, "train"), manifest["source"]["description"]
+            rows, described = _packed_rows(data, text_column, template, scored, Path(tmp) / "shards", say)
         if rows.seq_len > model_cfg.n_positions:
             raise ConfigError(f"{data} holds rows of {rows.seq_len} tokens, more than the model's context "
                               f"n_positions={model_cfg.n_positions}")
-        evaluator = Evaluator(model_cfg, mesh, batch_size=batch_size, document_mask=document_mask, packing="pack"
-                              if data is not None else cfg.data.packing)
-        result = evaluator.evaluate(params, rows, progress=progress)
-        return {"step": chosen, **result, "seq_len": rows.seq_len, "data": described}
+        evaluator = Evaluator(model_cfg, mesh, batch_size=scored.batch_size, document_mask=scored.document_mask,
+                              packing="pack" if data is not None else scored.cfg.data.packing)
+        result = evaluator.evaluate(scored.params, rows, progress=progress)
+        return {"step": scored.step, **result, "seq_len": rows.seq_len, "data": described}
+
+
+@dataclasses.dataclass
+class _Scored:
+    """The model `eval` scores and how: from a run directory (`cfg` its config) or an HF folder."""
+
+    model_cfg: Any
+    params: Any
+    step: int | None  # the checkpoint's step; None for an HF folder
+    tokenizer: str
+    seq_len: int | None  # None: the rows' own length (a prepared shards folder)
+    batch_size: int
+    document_mask: bool = False
+    cfg: Config | None = None
+
+
+def _hf_scored(hf: str, step, data, shards: bool, seq_len: int | None, batch_size: int) -> _Scored:
+    if data is None:
+        raise ConfigError("--hf has no validation split of its own; pass --data SOURCE (files, a dataset "
+                          "folder, a Hub dataset or a run's shards folder) to evaluate it on")
+    model = load_model(hf=hf, step=step)
+    tokenizer = str(model.folder) if model.tokenizer.name != "gpt2" else "gpt2"
+    seq_len = seq_len or (None if shards else min(model.cfg.n_positions, 1024))
+    return _Scored(model.cfg, model.params, None, tokenizer, seq_len, batch_size)
+
+
+def _run_scored(run_dir, step, mesh, data, shards: bool, seq_len: int | None) -> _Scored:
+    cfg = read_run_config(run_dir)
+    _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
+    if data is None and seq_len not in (None, cfg.data.seq_len):
+        raise ConfigError(f"--seq-len {seq_len} does not apply to the run's own validation split (rows of "
+                          f"data.seq_len={cfg.data.seq_len}); pass --data to score other text at another length")
+    seq_len = seq_len or (None if shards else cfg.data.seq_len)
+    return _Scored(cfg.model, params, chosen, cfg.data.tokenizer, seq_len,
+                   cfg.train.eval_batch_size or cfg.train.batch_size, cfg.data.document_mask, cfg)
+
+
+def _packed_rows(data, text_column: str | None, template: str | None, scored: _Scored, shards_dir: Path, say):
+    """Every document of the text source `data`, tokenized and packed into `shards_dir` as `prepare` does."""
+    fields = {"text_column": text_column} if text_column else {}
+    data_cfg = DataConfig(source=data, template=template or "", tokenizer=scored.tokenizer, seq_len=scored.seq_len,
+                          val_fraction=0.0, shards_dir=str(shards_dir), **fields)
+    say(f"tokenizing and packing {data} into rows of {scored.seq_len} tokens")
+    manifest = prepare_shards(data_cfg, log=None)
+    return open_split(data_cfg.shards_dir, "train"), manifest["source"]["description"]
 
 
 def _shards_rows(shards_dir, vocab_size: int, seq_len: int | None):

@@ -163,7 +163,7 @@ def _quiet_closed_loops(debug: bool) -> None:
         warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
-def terminate(signum, frame):
+def terminate(_signum, _frame):
     """SIGTERM outside the training loop (which checkpoints instead) stops at once, wherever it lands.
     Every verb's writes are atomic or resumable, as after kill -9; an exception raised here instead
     could land inside a library's import or an `except` that swallows it."""

@@ -1,6 +1,6 @@
 """Mesh axes, the one logical->mesh rules table, and shardings derived from an abstract init.
 
-Parameters name their logical axes where they are created (model.py). Everything else (optimizer
+Parameters name their logical axes where they are created (each family's module in model/). Everything else (optimizer
 state, batches) gets its sharding derived here, never written by hand elsewhere.
 """
 

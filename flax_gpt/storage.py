@@ -193,11 +193,6 @@ def _names(folder: epath.Path) -> list[str]:
         return []
 
 
-def is_empty_dir(folder) -> bool:
-    folder = location(folder)
-    return folder.is_dir() and not _names(folder)
-
-
 def owner_of(path, kinds=("run", "shards")) -> tuple[epath.Path, str] | None:
     """The nearest folder at or above `path` that is an output of one of `kinds`."""
     p = location(path)

@@ -196,7 +196,7 @@ def test_the_lock_in_process_refuses_a_second_holder_and_frees_on_release(tmp_pa
         RunLock(run).acquire()  # flock is per open file: a second holder in this process conflicts too
     with pytest.raises(OutputError, match=f"in use by process {os.getpid()}"):
         check_free(run)
-    assert storage.is_empty_dir(run)  # the lock file is no content: the folder still counts as empty
+    assert storage.check_output(run, "run") is False  # the lock file is no content: the folder counts as empty
     held.release()
     assert not (tmp_path / "fresh").exists()  # what the lock created, and nothing else, is gone
     check_free(run)

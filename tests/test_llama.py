@@ -294,7 +294,7 @@ def test_parameter_counts_match_transformers(ref):
     assert llama.param_count(cfg) == model.num_parameters() == sum(a.size for a in jax.tree.leaves(params))
     known = {"smollm2-135m": 134_515_008, "tinyllama-1.1b": 1_100_048_384}
     for name, count in known.items():
-        pcfg = llama.preset_config(name)
+        pcfg = llama.LlamaConfig(**llama.LLAMA_PRESETS[name])
         assert model_config_from_hf(hf_config_dict(pcfg, bos_id=0, eos_id=0)) == pcfg and preset_of(pcfg) == name
         with torch.device("meta"):
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(pcfg, bos_id=0, eos_id=0)))

@@ -1,4 +1,4 @@
-"""flax_gpt.optim against independent references: Keras' ExponentialDecay and a numpy formula for
+"""flax_gpt.train.optim against independent references: Keras' ExponentialDecay and a numpy formula for
 the schedule, nanoGPT's `ndim >= 2` rule for the decay mask, torch.optim.AdamW (+ clip_grad_norm_)
 for the optimizer steps."""
 

@@ -283,3 +283,23 @@ def test_model_card_reads_a_real_manifest(tmp_path):
     assert manifest["source"]["description"] in card and "**The corpus is synthetic**" in card
     assert f"Training split: {manifest['splits']['train']['tokens']:,} tokens" in card
     assert "Documents: 40" in card
+
+
+def test_model_card_takes_the_corpus_from_the_manifest_and_never_reads_it(tmp_path, monkeypatch):
+    from flax_gpt.data import sources
+    from flax_gpt.data.prepare import prepare_shards
+
+    corpus = tmp_path / "abstracts.jsonl"
+    corpus.write_text("".join(json.dumps({"abstract": f"paper {i} studies tokens"}) + "\n" for i in range(30)))
+    run, cfg = _run_dir(tmp_path, source=str(corpus), seq_len=16)
+    manifest = prepare_shards(cfg.data, log=None)
+
+    def hashed(*_):
+        raise AssertionError("the model card hashed the corpus")
+
+    monkeypatch.setattr(sources, "_hash_file", hashed)  # how every local corpus is fingerprinted
+    card = model_card(run, cfg, 300, {})
+    assert f"- Source: {manifest['source']['description']}" in card and "Documents: 30" in card
+    (tmp_path / "shards" / "manifest.json").unlink()  # shards gone since training: the config names the corpus
+    card = model_card(run, cfg, 300, {})
+    assert f"- Source: {corpus}\n" in card and "synthetic" not in card.lower().split("## training data")[1][:200]

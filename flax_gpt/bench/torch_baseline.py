@@ -132,7 +132,7 @@ def measure_torch_baseline(
         return result
 
     result["loadavg_1m_after"] = os.getloadavg()[0]
-    step_time = statistics.median(times)  # the same statistic as flax_gpt.bench.measure_step
+    step_time = statistics.median(times)  # the same statistic as flax_gpt.bench.throughput.measure_step
     result["step_time_s"] = step_time
     result["step_time_mean_s"] = statistics.fmean(times)
     result["step_times_s"] = times

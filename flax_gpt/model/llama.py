@@ -107,13 +107,6 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     for name, p in MODEL_PRESETS.items() if p.get("family") == "llama"}
 
 
-def preset_config(name: str, **overrides: Any) -> LlamaConfig:
-    """A preset's LlamaConfig, with run settings (dtype, remat, ...) or sizes overridden."""
-    if name not in LLAMA_PRESETS:
-        raise ConfigError(f"unknown Llama preset {name!r}; choose one of {', '.join(LLAMA_PRESETS)}")
-    return LlamaConfig(**{**LLAMA_PRESETS[name], **overrides})
-
-
 def _dtype(name: str) -> Any:
     return jnp.dtype(name)  # "float32" or "bfloat16"
 

@@ -1,7 +1,7 @@
 """`flax-gpt report`: plots, word clouds and an `index.html` for a run directory, in RUN_DIR/report/.
 
-Reads only contracts: `metrics.jsonl` (`metrics.read_metrics`; a resumed run may repeat a step and
-the later line wins), `config.yaml` (`run.read_run_config`), the shards' `manifest.json` (its
+Reads only contracts: `metrics.jsonl` (`series.read_series`; a resumed run may repeat a step and
+the later line wins), `config.yaml` (`run_dir.read_run_config`), the shards' `manifest.json` (its
 `stats` block) and training split, and the run's latest checkpoint (`generate.load_model`).
 
 Figures are drawn on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so making
