@@ -34,8 +34,8 @@ _.pre_tokenizer
 _.decoder
 _.post_processor
 
-# Truly unused by the library, in flax_gpt/data/ (changed in another branch, so not removed here):
-# `DocumentCounter.merge` has no caller; `read_documents` and `generate_table` only serve tests.
-_.merge
+# Helpers outside the library's own path: `read_documents` reads a source into memory
+# (benchmarks/data_pipeline.py and the data tests); `generate_table` writes the synthetic corpus as
+# a csv/jsonl/parquet table (the data tests' inputs).
 read_documents
 generate_table
