@@ -24,8 +24,8 @@ checkpoint and returns (the same call resumes), as SIGTERM does for `flax-gpt tr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from matplotlib.figure import Figure
 
@@ -59,7 +59,7 @@ def prepare(cfg: ConfigLike, *overrides: str, overwrite: bool = False, verify: b
 
 
 def train(cfg: ConfigLike, *overrides: str, overwrite_data: bool = False, overwrite_export: bool = False,
-          on_metrics: Callable[[dict], None] | None = None) -> "LM":
+          on_metrics: Callable[[dict], None] | None = None) -> LM:
     """`flax-gpt train` (resumes a run directory's latest checkpoint): returns the trained model,
     with `.result` the dict the CLI prints. `on_metrics` gets each record as it is written to
     `metrics.jsonl` (train lines with `loss`, eval lines with `val_loss`); `train.progress=false`
@@ -70,7 +70,7 @@ def train(cfg: ConfigLike, *overrides: str, overwrite_data: bool = False, overwr
     return LM(load_model(run_dir=cfg.train.run_dir), result=result, folder=result.get("export_dir"))
 
 
-def import_hf(src: str, run_dir: str | Path) -> "LM":
+def import_hf(src: str, run_dir: str | Path) -> LM:
     """`flax-gpt import-hf`: an HF folder or Hub id as a new run directory's step-0 checkpoint."""
     pipeline.import_hf(src, run_dir)
     return LM.from_run(run_dir)
@@ -88,12 +88,12 @@ class LM:
         self.folder = folder if folder is not None else model.folder
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, step: int | str | None = None) -> "LM":
+    def from_run(cls, run_dir: str | Path, step: int | str | None = None) -> LM:
         """A run directory's checkpoint: `step` N, "latest" (default) or "best"."""
         return cls(load_model(run_dir=run_dir, step=step))
 
     @classmethod
-    def from_hf(cls, folder: str | Path, dtype: str = "float32") -> "LM":
+    def from_hf(cls, folder: str | Path, dtype: str = "float32") -> LM:
         """An HF GPT-2 folder (e.g. our export) or a Hub id."""
         return cls(load_model(hf=str(folder), dtype=dtype))
 

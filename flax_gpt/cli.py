@@ -22,6 +22,7 @@ from flax_gpt import process
 from flax_gpt.config_files import config_yaml, explain, load_config
 from flax_gpt.errors import ConfigError, UserError
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -88,7 +89,7 @@ def _maybe_distributed(args) -> None:
     """Join a multi-process run: explicit flags, or JAX's auto-detection (Cloud TPU, SLURM...)."""
     if not (args.distributed or args.coordinator):
         return
-    import jax  # noqa: PLC0415 - deferred, see the verbs below
+    import jax  # deferred, see the verbs below
 
     if args.coordinator:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -103,15 +104,15 @@ def _maybe_distributed(args) -> None:
 # errors stay instant instead of loading jax and transformers first).
 
 def cmd_prepare(args) -> int:
-    from flax_gpt.data.prepare import prepare_shards  # noqa: PLC0415 - deferred, see above
-    from flax_gpt.data.stats import describe_stats  # noqa: PLC0415
+    from flax_gpt.data.prepare import prepare_shards  # deferred, see above
+    from flax_gpt.data.stats import describe_stats
 
     cfg = _config(args)
     n, i = args.num_processes or 1, args.process_id or 0
     if args.distributed or args.coordinator:
         _maybe_distributed(args)
-        import jax  # noqa: PLC0415 - deferred, see above
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+        import jax  # deferred, see above
+        from jax.experimental import multihost_utils
 
         n, i = jax.process_count(), jax.process_index()
     if not 0 <= i < n:
@@ -127,7 +128,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     _maybe_distributed(args)
-    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
+    from flax_gpt import pipeline  # deferred, see above
 
     result = pipeline.train(_config(args), overwrite_data=args.overwrite_data, overwrite_export=args.overwrite)
     print(json.dumps(result))
@@ -135,7 +136,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
+    from flax_gpt import pipeline  # deferred, see above
 
     print(json.dumps(pipeline.evaluate(args.run_dir, hf=args.hf, step=args.step, data=args.data,
                                        text_column=args.text_column, template=args.template, seq_len=args.seq_len,
@@ -144,7 +145,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
+    from flax_gpt import pipeline  # deferred, see above
 
     cfg, n = pipeline.import_hf(args.src, args.out)
     print(f"imported {args.src} ({n:,} parameters, {cfg.model.n_layer} layers) into {args.out} as step 0")
@@ -152,8 +153,8 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from flax_gpt.export.hf_folder import export_run  # noqa: PLC0415 - deferred, see above
-    from flax_gpt.export.hub import push_to_hub  # noqa: PLC0415
+    from flax_gpt.export.hf_folder import export_run  # deferred, see above
+    from flax_gpt.export.hub import push_to_hub
 
     out, diff = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported to {out}; transformers reloads it and its logits match ours (max diff {diff:.2e})")
@@ -164,8 +165,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from flax_gpt import pipeline  # noqa: PLC0415 - deferred, see above
-    from flax_gpt.generate import load_model  # noqa: PLC0415
+    from flax_gpt import pipeline  # deferred, see above
+    from flax_gpt.generate import load_model
 
     prompts = list(args.prompt)
     kw = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -186,7 +187,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from flax_gpt.bench.throughput import run_bench  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.bench.throughput import run_bench  # deferred, see above
 
     result = run_bench(_config(args), steps=args.steps, warmup=args.warmup, baseline=args.baseline, out=args.out)
     print(json.dumps(result, indent=2))
@@ -194,8 +195,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from flax_gpt import storage  # noqa: PLC0415 - deferred, see above
-    from flax_gpt.bench.tpu_compile import compile_for_topology, fit_problem  # noqa: PLC0415
+    from flax_gpt import storage  # deferred, see above
+    from flax_gpt.bench.tpu_compile import compile_for_topology, fit_problem
 
     cfg = _config(args)
     if args.max_compiles < 1 or (args.time_budget is not None and args.time_budget <= 0):
@@ -221,7 +222,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from flax_gpt.report.report import write_report  # noqa: PLC0415 - deferred, see above
+    from flax_gpt.report.report import write_report  # deferred, see above
 
     path = write_report(args.run_dir, samples=args.samples, max_new_tokens=args.max_new_tokens)
     print(f"report written to {path}")

@@ -122,7 +122,8 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}, line {line}); save it as UTF-8") from None
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}, line {line}); "
+                          "save it as UTF-8") from None
     return config_from_yaml(text, f"config file {p}", overrides)
 
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -98,7 +98,7 @@ def move(src, dst) -> None:
 
 
 def _fs(url: str):
-    import fsspec  # noqa: PLC0415 - deferred: only bucket folders need a filesystem object
+    import fsspec  # deferred: only bucket folders need a filesystem object
 
     return fsspec.core.url_to_fs(str(url))
 

@@ -79,8 +79,8 @@ def torch_reference(cfg, seed: int = 0):
 
 
 def params_from_torch(model, cfg):
-    from flax_gpt.model.hf import from_hf_state_dict
     from flax_gpt.model.gpt2 import abstract_params
+    from flax_gpt.model.hf import from_hf_state_dict
 
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return from_hf_state_dict(sd, cfg, abstract_params(cfg))

@@ -25,7 +25,8 @@ if nproc > 1:
                                process_id=pid, initialization_timeout=60)
 
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from flax_gpt.data.loader import EvalLoader, TrainLoader  # noqa: E402
 from flax_gpt.data.shards import open_split  # noqa: E402

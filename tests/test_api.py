@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import ROOT, TRAINED_OVERRIDES
 from matplotlib.figure import Figure
 from matplotlib.image import imread
-
-from conftest import ROOT, TRAINED_OVERRIDES
 from test_publish import SECRET, hub_server  # noqa: F401 - the stand-in Hub (a fixture) and its token
+
 from flax_gpt import api, cli
 from flax_gpt.config_files import config_yaml
 from flax_gpt.data.shards import read_manifest
@@ -133,7 +133,7 @@ def test_generate_is_the_same_from_the_run_its_export_and_their_imports(flow, ex
     assert sampled == from_hf.generate(PROMPTS[0], max_new_tokens=8, num_samples=2, top_p=0.9, seed=1)
 
 
-def test_export_loads_in_transformers_and_pushes_to_the_hub(flow, exported, hub_server):
+def test_export_loads_in_transformers_and_pushes_to_the_hub(flow, exported, hub_server):  # noqa: F811 - pytest fixture
     transformers = pytest.importorskip("transformers")
 
     model = transformers.AutoModelForCausalLM.from_pretrained(exported.folder)

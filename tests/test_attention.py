@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_model_config
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from conftest import tiny_model_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.attention import attend, choose_kernel, splash_block_sizes
 from flax_gpt.model.gpt2 import GPT2

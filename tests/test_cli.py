@@ -34,7 +34,7 @@ def test_overrides_may_stand_before_or_after_flags(argv):
 
 def test_an_override_after_a_flag_reaches_the_config(capsys):
     assert main(["config", TINY, "--explain", "train.steps=7"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.lstrip().startswith("train.steps"))
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("train.steps"))
     assert "7" in line.split()[1]
 
 

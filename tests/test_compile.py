@@ -22,8 +22,8 @@ import pytest
 from flax_gpt.bench.max_batch import search_max_batch
 from flax_gpt.bench.tpu_compile import ACCELERATORS, GiB, resolve
 from flax_gpt.config_files import load_config
-from flax_gpt.model.loss_kernel import token_block
 from flax_gpt.errors import ConfigError
+from flax_gpt.model.loss_kernel import token_block
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBTPU = os.environ.get("FLAX_GPT_TEST_LIBTPU", "")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from flax_gpt.config import RESULT, RUN, SECTIONS, Config, ModelConfig
-
 from flax_gpt.config_files import build_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.export.card import card_settings

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.errors import DataError
 from flax_gpt.data.loader import EvalLoader, TrainLoader, make_batch
-from flax_gpt.data.shards import open_split
 from flax_gpt.data.prepare import prepare_shards
+from flax_gpt.data.shards import open_split
+from flax_gpt.errors import DataError
 
 EOS = 50256
 
@@ -84,13 +84,13 @@ def test_iterate_resumes_mid_stream_with_prefetch(train_rows):
 
 def test_global_batch_matches_local_batch(train_rows):
     ld = loader(train_rows, document_mask=True)
-    g, l = ld.global_batch(4), ld.local_batch(4)
+    g, local = ld.global_batch(4), ld.local_batch(4)
     # The devices get what the step needs; positions/segment_ids are derived there from inputs.
     assert set(g) == {"inputs", "targets", "loss_mask"}
-    assert set(l) == {"inputs", "targets", "loss_mask", "positions", "segment_ids"}
+    assert set(local) == {"inputs", "targets", "loss_mask", "positions", "segment_ids"}
     for k in g:
-        assert g[k].shape == (48, 32) and g[k].dtype == l[k].dtype
-        np.testing.assert_array_equal(np.asarray(g[k]), l[k])
+        assert g[k].shape == (48, 32) and g[k].dtype == local[k].dtype
+        np.testing.assert_array_equal(np.asarray(g[k]), local[k])
 
 
 def naive_batch(row, packing, document_mask):

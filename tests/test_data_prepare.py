@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.errors import DataError
-from flax_gpt.data.stats import describe_stats
-from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.data.prepare import prepare_shards, split_documents
 from flax_gpt.data.shards import open_split
-from flax_gpt.data.prepare import prepare_shards
-from flax_gpt.data.prepare import split_documents
+from flax_gpt.data.stats import describe_stats
 from flax_gpt.data.synthetic import generate_table
+from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.errors import DataError
 
 ARXIV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arxiv"
 SAMPLE = ARXIV / "arxiv_ml_sample500.csv"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.errors import DataError
-from flax_gpt.data.shards import open_split
 from flax_gpt.data.prepare import prepare_shards
+from flax_gpt.data.shards import open_split
+from flax_gpt.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import DataConfig
-from flax_gpt.errors import DataError
-from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data import sources
+from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data.sources import read_documents, resolve_source
+from flax_gpt.errors import DataError
 
 ROWS = [
     {"title": "First paper", "abstract": "We  study\n  things.\tA lot.", "year": 2024},
@@ -175,8 +175,8 @@ def test_data_path_never_imports_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys; from flax_gpt.data.prepare import prepare_shards; from flax_gpt.data.loader import TrainLoader; "
-            "import flax_gpt.data.prepare, flax_gpt.data.loader; "
+    code = ("import sys; from flax_gpt.data.prepare import prepare_shards; "
+            "from flax_gpt.data.loader import TrainLoader; import flax_gpt.data.prepare, flax_gpt.data.loader; "
             "print(sorted(m for m in ('jax', 'transformers', 'datasets', 'pandas', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ARXIV_DIR
+
 from flax_gpt.config import DataConfig
 from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data.shards import open_split
@@ -87,14 +87,15 @@ def test_kill_9_during_prepare_then_rerun_gives_the_same_bytes(project):
     assert r.returncode == 0, r.stderr
     assert "finished by an earlier run; kept" in r.stdout
     assert shard_bytes(parts) == shard_bytes(project / "one")
-    assert json.loads((parts / "manifest.json").read_text()) == json.loads((project / "one" / "manifest.json").read_text())
+    assert json.loads((parts / "manifest.json").read_text()) == \
+        json.loads((project / "one" / "manifest.json").read_text())
     assert sorted(p.name for p in parts.iterdir() if not p.name.endswith(".npy")) == [".flax_gpt.json", "manifest.json"]
 
 
 def test_two_processes_write_the_same_bytes_as_one(project):
     procs = [prepare_cli(project, "two", "--num-processes", "2", "--process-id", str(i), wait=False) for i in (0, 1)]
     for p in procs:
-        out, err = p.communicate(timeout=600)
+        _out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
     assert shard_bytes(project / "two") == shard_bytes(project / "one")
     assert json.loads((project / "two" / "manifest.json").read_text()) == \
@@ -192,7 +193,7 @@ def arxiv_cfg(source, shards: Path, **kw) -> DataConfig:
 @pytest.mark.parametrize("layout", ["readme-configs", "data-split-folders"])
 def test_hub_repo_snapshot_gives_the_csv_shards(arxiv, tmp_path, layout):
     datasets = pytest.importorskip("datasets")
-    root, ref = arxiv
+    _root, ref = arxiv
     repo = tmp_path / "ML-ArXiv-Papers"
     for p in ARXIV_FILES:  # what `huggingface-cli download --repo-type dataset` leaves, file by file
         ds = datasets.Dataset.from_csv(str(p), keep_in_memory=True)
@@ -213,7 +214,7 @@ def test_hub_repo_snapshot_gives_the_csv_shards(arxiv, tmp_path, layout):
 @pytest.mark.parametrize("kind", ["dataset", "dataset-dict"])
 def test_save_to_disk_folder_gives_the_csv_shards(arxiv, tmp_path, kind):
     datasets = pytest.importorskip("datasets")
-    root, ref = arxiv
+    _root, ref = arxiv
     ds = datasets.Dataset.from_csv(str(ARXIV_FILES[0]), keep_in_memory=True)
     folder = tmp_path / ARXIV_FILES[0].stem  # the folder's name is the unit's key, as a file's stem
     if kind == "dataset":

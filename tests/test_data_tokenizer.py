@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_gpt.errors import DataError
-from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.data import tokenizer as tokenizer_mod
+from flax_gpt.data.tokenizer import load_tokenizer
+from flax_gpt.errors import DataError
 
 ARXIV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arxiv"
 SAMPLE = ARXIV / "arxiv_ml_sample500.csv"

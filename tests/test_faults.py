@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TRAINED_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +126,8 @@ REFUSED = [
     ("export-into-run", ["export", "run", "--out", "run/checkpoints", "--overwrite"], ["inside the run directory"]),
     ("export-onto-shards", ["export", "run", "--out", "shards", "--overwrite"], ["is a shards folder"]),
     ("export-into-shards", ["export", "run", "--out", "shards/x"], ["inside the shards folder"]),
-    ("export-onto-foreign", ["export", "run", "--out", "notes", "--overwrite"], ["not written by flax-gpt", "notes.txt"]),
+    ("export-onto-foreign", ["export", "run", "--out", "notes", "--overwrite"],
+     ["not written by flax-gpt", "notes.txt"]),
     ("export-onto-file", ["export", "run", "--out", "afile.txt", "--overwrite"], ["is a file"]),
     ("export-existing-no-flag", ["export", "run", "--out", "export"], ["--overwrite"]),
     ("export-bad-step", ["export", "run", "--out", "e2", "--step", "7"], ["no checkpoint at step 7", "[2, 4]"]),
@@ -141,7 +141,8 @@ REFUSED = [
     ("generate-hf-pickle-transformers", ["generate", "--hf", "pickle_model", "--prompt", "x", "--backend",
                                          "transformers"], ["only pickle weights"]),
     ("generate-hf-step", ["generate", "--hf", "export", "--step", "2", "--prompt", "x"], ["does not apply to --hf"]),
-    ("bench-zero-steps", ["bench", TINY, *BASE, "data.shards_dir=shards", "--steps", "0"], ["--steps must be at least 1"]),
+    ("bench-zero-steps", ["bench", TINY, *BASE, "data.shards_dir=shards", "--steps", "0"],
+     ["--steps must be at least 1"]),
     ("config-section-not-mapping", ["train", "bad.yaml"], ["section 'train' must be a mapping"]),
     ("config-invalid-yaml", ["train", "broken.yaml"], ["not valid YAML"]),
     ("config-missing", ["train", "missing.yaml"], ["config file not found"]),
@@ -165,7 +166,8 @@ REFUSED = [
     ("export-dir-holds-another-runs-export", ["train", TINY, *BASE, "data.shards_dir=shards", "train.run_dir=r2",
                                              "train.export_dir=export"], ["already holds an export of", "run",
                                                                           "--overwrite", "train.export_dir"]),
-    ("flag-not-known-after-overrides", ["train", TINY, "train.steps=3", "--bogus-flag"], ["unrecognized", "--bogus-flag"]),
+    ("flag-not-known-after-overrides", ["train", TINY, "train.steps=3", "--bogus-flag"],
+     ["unrecognized", "--bogus-flag"]),
     ("eval-seq-len-on-own-split", ["eval", "run", "--seq-len", "16"], ["does not apply to the run's own"]),
     ("eval-shards-with-template", ["eval", "run", "--data", "shards", "--template", "{abstract}"],
      ["prepared shards folder"]),
@@ -458,7 +460,8 @@ def test_enospc_from_the_writer_is_one_storage_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt.manager, "save", full)
-    with pytest.raises(StorageError, match="could not write checkpoint 2.*No space left on device.*checkpoint 1 is intact"):
+    with pytest.raises(StorageError,
+                       match="could not write checkpoint 2.*No space left on device.*checkpoint 1 is intact"):
         ckpt.save(2, {"w": jnp.ones(4)})
     monkeypatch.undo()
     ckpt.close()

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_faults import one_line, unchanged
 
 from flax_gpt import storage
 from flax_gpt.cli import main
@@ -26,7 +27,6 @@ from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data.shards import open_split, shard_bytes
 from flax_gpt.data.sources import resolve_source
 from flax_gpt.errors import DataError
-from test_faults import one_line, unchanged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

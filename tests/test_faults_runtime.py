@@ -132,8 +132,8 @@ def test_damaged_checkpoints_are_set_aside_with_one_line_each(trained_run, tmp_p
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == len(damaged), r.stderr
     aside = run / "damaged_checkpoints"
-    for line, step, then in zip(lines, damaged, ["falling back to checkpoint 2",
-                                                 "no readable checkpoint is left, so training starts again from step 0"]):
+    thens = ["falling back to checkpoint 2", "no readable checkpoint is left, so training starts again from step 0"]
+    for line, step, then in zip(lines, damaged, thens):
         assert line.startswith(f"warning: checkpoint {step} is unreadable (") and " reading " in line, line
         assert line.endswith(f"; moved to {aside / str(step)}; {then}"), line
         # set aside whole, byte for byte: kept for inspection, never deleted
@@ -152,7 +152,7 @@ async def _read_like_orbax():
     try:
         await _Pending()
     except BaseException as e:
-        raise Exception("Encountered error while reading array index: (slice(0, 64, 1),)") from e  # noqa: TRY002
+        raise Exception("Encountered error while reading array index: (slice(0, 64, 1),)") from e
 
 
 @pytest.mark.parametrize("debug", [False, True])

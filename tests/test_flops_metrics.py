@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import ModelConfig
-from flax_gpt.presets import MODEL_PRESETS
 from flax_gpt.model.flops import flops_per_token, mfu, param_count, peak_flops
+from flax_gpt.presets import MODEL_PRESETS
 from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput, read_metrics
 
 

@@ -9,10 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import params_from_torch, tiny_model_config, torch_reference
+
 from flax_gpt.config import ConfigError
-from flax_gpt.generate import compiled_sampler, decode_step, decoding_params, filter_top_p, generate_tokens, left_pad, prefill, sample_logits
+from flax_gpt.generate import (
+    compiled_sampler,
+    decode_step,
+    decoding_params,
+    filter_top_p,
+    generate_tokens,
+    left_pad,
+    prefill,
+    sample_logits,
+)
 from flax_gpt.model.gpt2 import GPT2
 
 EOS = 50256
@@ -173,7 +182,7 @@ def test_temperature_shapes_the_distribution():
     logits = jnp.log(jnp.array([[0.7, 0.2, 0.1]]))
     keys = jax.random.split(jax.random.key(3), 4000)
     for t in (0.5, 2.0):
-        draw = jax.vmap(lambda key: sample_logits(logits, key, t, 1.0, top_k=0, greedy=False, use_top_p=False))
+        draw = jax.vmap(lambda key, t=t: sample_logits(logits, key, t, 1.0, top_k=0, greedy=False, use_top_p=False))
         freq = np.bincount(np.asarray(draw(keys))[:, 0], minlength=3) / len(keys)
         want = np.array([0.7, 0.2, 0.1]) ** (1 / t)
         np.testing.assert_allclose(freq, want / want.sum(), atol=0.03)

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from conftest import tiny_model_config, torch_reference
+
 from flax_gpt.cli import main
 
 torch = pytest.importorskip("torch")
@@ -44,7 +44,7 @@ def test_import_export_round_trip_is_bit_exact(hf_folder, tmp_path):
     assert set(exported) == set(original) - {"lm_head.weight"}
     for name, value in exported.items():
         assert value.dtype == np.float32 and np.array_equal(value, original[name]), name
-    model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    _model, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for f in ("config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (out / f).is_file(), f
@@ -110,7 +110,8 @@ def test_import_errors_are_one_line(case, hf_folder, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    expected = {"missing": "not found", "unknown_family": "model_type='bert'", "llama_keys": "not a complete LlamaForCausalLM config", "shape": "shape", "no_weights": "safetensors"}
+    expected = {"missing": "not found", "unknown_family": "model_type='bert'",
+                "llama_keys": "not a complete LlamaForCausalLM config", "shape": "shape", "no_weights": "safetensors"}
     assert expected[case] in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
 

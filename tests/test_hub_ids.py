@@ -23,17 +23,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import yaml
+from conftest import ARXIV_DIR, ROOT
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from conftest import ARXIV_DIR, ROOT
 from flax_gpt import pipeline
-from flax_gpt.hub import is_hub_id
 from flax_gpt.api import LM
 from flax_gpt.config import DataConfig
-from flax_gpt.data.sources import open_source, resolve_source as resolve_data
+from flax_gpt.data.sources import open_source
+from flax_gpt.data.sources import resolve_source as resolve_data
 from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import DataError, HFError
+from flax_gpt.hub import is_hub_id
 from flax_gpt.model import hf
 from flax_gpt.model.gpt2 import abstract_params
 

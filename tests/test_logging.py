@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TRAINED_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TRAINED_OVERRIDES
 from flax_gpt import cli
 from flax_gpt.config_files import build_config
 from flax_gpt.train.metrics import WANDB_ID_FILE, MetricsWriter, read_metrics

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import ROOT, tiny_model_config
+
 from flax_gpt.model.gpt2 import GPT2, init_params
 from flax_gpt.model.loss import cross_entropy_sums, plan_chunks
 from flax_gpt.train import step as step_mod
@@ -91,7 +91,8 @@ def _bounds(h, e, t, w, vocab_size, u_in):
 
 def _assert_within(got, want, bound, name):
     excess = np.abs(got - want) - bound
-    assert np.all(excess <= 0), f"{name}: {np.max(excess):.3g} over the bound at {np.unravel_index(np.argmax(excess), np.shape(excess))}"
+    at = np.unravel_index(np.argmax(excess), np.shape(excess))
+    assert np.all(excess <= 0), f"{name}: {np.max(excess):.3g} over the bound at {at}"
 
 
 def test_plan_chunks_fits_the_budget_and_prefers_divisors():
@@ -228,7 +229,8 @@ def f(h, e, t, w):
 rows, head = NamedSharding(mesh, P(("data", "fsdp"), None, None)), NamedSharding(mesh, P("tensor", "fsdp"))
 tok = NamedSharding(mesh, P(("data", "fsdp"), None))
 # The head's gradient leaves laid out as the parameter, as in the train step (where it meets the optimizer).
-c = jax.jit(on_mesh(f, mesh), in_shardings=(rows, head, tok, tok), out_shardings=(NamedSharding(mesh, P()), (rows, head)))
+c = jax.jit(on_mesh(f, mesh), in_shardings=(rows, head, tok, tok),
+            out_shardings=(NamedSharding(mesh, P()), (rows, head)))
 c = c.lower(d["h"], d["e"], d["t"], d["w"]).compile()
 text = c.as_text()
 loop = []  # collectives inside the chunk loop's body, with their shapes

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT
 from test_attention import tpu_mesh  # the abstract mesh traced for TPU devices
+
 from flax_gpt.model import loss_kernel
 from flax_gpt.model.loss import choose_kernel, cross_entropy_sums
 
@@ -57,7 +57,7 @@ def test_fused_kernels_match_the_chunked_loss_and_gradients(B, T, V):
     dh_c, de_c, dw_c = grads_c
     # dh = sum_v dl_v e_v with sum_v |dl_v| <= 2: each term's error is a few roundings of max|e|
     # times the sum's length; dE sums the same over the tokens (|h| for |e|).
-    bound = lambda scale, terms: 4 * (D + terms + math.log2(V)) * U32 * scale * 2  # noqa: E731
+    bound = lambda scale, terms: 4 * (D + terms + math.log2(V)) * U32 * scale * 2
     assert float(jnp.max(jnp.abs(dh_f - dh_c))) <= bound(float(jnp.max(jnp.abs(e))), V)
     assert float(jnp.max(jnp.abs(de_f - de_c))) <= bound(float(jnp.max(jnp.abs(h))), B * T) * n
     assert float(jnp.max(jnp.abs(dw_f - dw_c))) <= 4 * (D + math.log2(V)) * U32 * big
@@ -79,7 +79,7 @@ def test_bfloat16_compute_is_the_chunked_loss_bit_for_bit_on_one_block():
 
 def test_the_kernel_runs_on_tpu_per_device_and_the_chunked_loop_elsewhere():
     h, e, t, w, vocab_size = _inputs(4, 128, 64, 640, jnp.bfloat16)
-    f = lambda h, e: cross_entropy_sums(h, e, t, w, vocab_size=vocab_size)[0]  # noqa: E731
+    f = lambda h, e: cross_entropy_sums(h, e, t, w, vocab_size=vocab_size)[0]
     grad = jax.grad(f, argnums=(0, 1))
     with jax.sharding.use_abstract_mesh(tpu_mesh(data=2)):
         text = str(jax.make_jaxpr(grad)(h, e))
@@ -92,7 +92,7 @@ def test_the_kernel_runs_on_tpu_per_device_and_the_chunked_loop_elsewhere():
 
 
 def test_kernel_choice():
-    pick = lambda kernel, platform="tpu", B=4, T=1024, S=2, tp=1: choose_kernel(  # noqa: E731
+    pick = lambda kernel, platform="tpu", B=4, T=1024, S=2, tp=1: choose_kernel(
         kernel, platform=platform, B=B, T=T, batch_shards=S, vocab_shards=tp)
     assert pick("auto") == "pallas"
     assert pick("auto", platform="gpu") == pick("auto", platform="cpu") == "chunked"

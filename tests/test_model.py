@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import params_from_torch, tiny_model_config, torch_reference
+
 from flax_gpt.model.gpt2 import GPT2, abstract_params, transpose_kernels
 
 torch = pytest.importorskip("torch")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from flax_gpt.config import OptimConfig
-
 from flax_gpt.config_files import build_config
 from flax_gpt.train.optim import build_optimizer, decay_mask, make_schedule
 
@@ -177,7 +176,7 @@ def test_decay_mask_is_exactly_the_weight_matrices(decay_embeddings):
     # Counted by name, too: 4 kernels per block (+ 2 embedding tables), nothing else.
     decayed = sorted(jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m)
     assert len(decayed) == 2 * 4 + (2 if decay_embeddings else 0)
-    assert all(s.endswith("['kernel']") or s.endswith("['embedding']") for s in decayed)
+    assert all(s.endswith(("['kernel']", "['embedding']")) for s in decayed)
     # Nesting under {'params': ...} (Flax variables) does not change the decision.
     assert decay_mask({"params": params}, decay_embeddings=decay_embeddings) == {"params": expected}
 
@@ -280,7 +279,8 @@ def test_decoupled_weight_decay_is_p_minus_lr_wd_p():
     )
     tensors = [torch.nn.Parameter(torch.tensor(np.array(x))) for _, x in leaves]
     opt = torch.optim.AdamW(
-        [{"params": [t], "weight_decay": wd if nanogpt_decays(p, x, True) else 0.0} for t, (p, x) in zip(tensors, leaves)],
+        [{"params": [t], "weight_decay": wd if nanogpt_decays(p, x, True) else 0.0}
+         for t, (p, x) in zip(tensors, leaves)],
         lr=lr, eps=cfg.eps,
     )
     for t in tensors:
@@ -328,5 +328,6 @@ def test_a_bfloat16_first_moment_stores_mu_in_bfloat16_and_moves_the_update_by_i
     for name in params:
         f32, bf16 = np.asarray(updates["float32"][name]), np.asarray(updates["bfloat16"][name])
         assert bf16.dtype == np.float32
-        np.testing.assert_array_less(np.abs(bf16 - f32), (b1 / (1 + b1) * ((1 + 2.0**-8) ** 3 - 1) + 1e-6) * np.abs(f32) + 1e-30)
+        np.testing.assert_array_less(np.abs(bf16 - f32),
+                                     (b1 / (1 + b1) * ((1 + 2.0**-8) ** 3 - 1) + 1e-6) * np.abs(f32) + 1e-30)
         assert not np.array_equal(bf16, f32)  # the rounding is really there

@@ -52,7 +52,7 @@ def _handler(hub: _Hub, base_url: list[str]):
             self.end_headers()
             self.wfile.write(body)
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             hub.auth.append(self.headers.get("Authorization", ""))
             if not self.headers.get("Authorization"):
@@ -96,7 +96,7 @@ def _handler(hub: _Hub, base_url: list[str]):
             hub.unexpected.append(f"POST {self.path}")
             return self._reply(404, {"error": "not served by the stand-in"})
 
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             hub.unexpected.append(f"GET {self.path}")
             return self._reply(404, {"error": "not served by the stand-in"})
 

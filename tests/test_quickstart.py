@@ -26,6 +26,6 @@ def test_distilgpt2_shaped_model_trains_a_few_steps_on_cpu(tmp_path):
              "data.synthetic_docs=60", "train.progress=false", "data.shards_dir=shards",
              f"train.run_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in records if "loss" in x]
-    assert len(losses) == 2 and all(9.0 < l < 12.0 for l in losses)  # ~ln(50257) = 10.8 at init
+    assert len(losses) == 2 and all(9.0 < loss < 12.0 for loss in losses)  # ~ln(50257) = 10.8 at init

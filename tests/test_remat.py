@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_model_config
 from jax._src.ad_checkpoint import saved_residuals  # what a backward pass keeps; no public equivalent
 
-from conftest import tiny_model_config
 from flax_gpt.config_files import config_from_yaml, config_yaml, load_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, init_params
@@ -50,8 +50,8 @@ def test_each_policy_keeps_what_it_names():
         kept[policy] = [(tuple(a.shape), a.size * a.dtype.itemsize, how)
                         for a, how in saved_residuals(lambda p, c=cfg, t=tokens: _loss(p, c, t), params)]
     D, F = 64, 256
-    probs = lambda p: [k for k in kept[p] if k[0][-2:] == (T, T)]  # noqa: E731 - attention's (T, T) arrays
-    matmuls = lambda p: {k[0][-1] for k in kept[p] if "dot_general" in k[2] and k[0][:2] == (B, T)}  # noqa: E731
+    probs = lambda p: [k for k in kept[p] if k[0][-2:] == (T, T)]  # attention's (T, T) arrays
+    matmuls = lambda p: {k[0][-1] for k in kept[p] if "dot_general" in k[2] and k[0][:2] == (B, T)}
     # none keeps attention's probabilities; minimal and full recompute them
     assert probs("none") and not probs("minimal") and not probs("full")
     # minimal keeps every weight matmul's output (QKV 3D, attention projection D, MLP F and D); full none

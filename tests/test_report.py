@@ -213,7 +213,8 @@ def test_one_mean_tokens_per_sec_in_summary_page_and_plot(report, trained):
     assert f"<th>mean tokens/s</th><td>{fmt(summary['mean_tokens_per_sec'])}</td>" in page
     assert html.escape(MEAN_TPS_DEFINITION) in page  # the page says which mean it is
 
-    (mean_line,) = [ln for ln in throughput_figure(read_series(trained)[0]).axes[0].get_lines() if ln.get_gid() == "mean"]
+    lines = throughput_figure(read_series(trained)[0]).axes[0].get_lines()
+    (mean_line,) = [ln for ln in lines if ln.get_gid() == "mean"]
     assert mean_line.get_ydata()[0] == summary["mean_tokens_per_sec"]
     assert f"mean {summary['mean_tokens_per_sec']:,.0f} tokens/s" in mean_line.get_label()
 

@@ -53,7 +53,7 @@ ENTRY %main (a: bf16[1024,1024], b: bf16[1024,1024]) -> bf16[1024,1024] {
   %loop = (s32[]{:T(128)}, bf16[1024,1024]{1,0:T(8,128)(2,1)}, bf16[1024,1024]{1,0:T(8,128)(2,1)}) while(%init), condition=%cond, body=%body
   ROOT %r = bf16[1024,1024]{1,0:T(8,128)(2,1)} get-tuple-element(%loop), index=1
 }
-"""
+"""  # noqa: E501 - HLO text as XLA prints it, an instruction a line
 
 
 XLA_BLIND_SPOTS = """

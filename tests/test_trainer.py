@@ -147,13 +147,16 @@ t = StateBuilder(cfg, 10)
 state = t.fresh()
 train_rows, _ = open_splits(cfg)
 from flax_gpt.data.loader import TrainLoader
-batch = TrainLoader(train_rows, global_batch=8, seed=0, document_mask=False, packing="pack", sharding=t.batch_sh).global_batch(0)
+batch = TrainLoader(train_rows, global_batch=8, seed=0, document_mask=False, packing="pack",
+                    sharding=t.batch_sh).global_batch(0)
 before = jax.tree.map(lambda x: x.sharding, state)
 new, _ = t.step_fn(state, batch)
 after = jax.tree.map(lambda x: x.sharding, new)
-same = all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(new)))
+same = all(a.is_equivalent_to(b, x.ndim)
+           for a, b, x in zip(jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(new)))
 wte = new.params["wte"]["embedding"].sharding.spec
-print(json.dumps({{"same": same, "wte": list(wte), "n_shards": len(new.params["wte"]["embedding"].addressable_shards[0].data)}}))
+n_shards = len(new.params["wte"]["embedding"].addressable_shards[0].data)
+print(json.dumps({{"same": same, "wte": list(wte), "n_shards": n_shards}}))
 """
     r = subprocess.run([sys.executable, "-c", code], env=_env(8), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -208,7 +211,8 @@ def test_two_processes_match_one_process(shards, tmp_path):
         port = _free_port()
         procs = [
             _train_cli(run, *common, f"train.steps={steps}", devices=2, wait=False,
-                       extra_args=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)])
+                       extra_args=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                   "--process-id", str(i)])
             for i in range(2)
         ]
         outs = [p.communicate(timeout=400) for p in procs]
@@ -225,7 +229,7 @@ def test_two_processes_match_one_process(shards, tmp_path):
 
 def _one_error_line(r, *needles):
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     for n in needles:
         assert n in lines[0], lines[0]

@@ -44,7 +44,7 @@ def search_max_batch(probe, start: int, unit: int, capacity: int, *, max_compile
     """
     say = say or (lambda *_: None)
     results: dict[int, dict] = {}
-    mem = lambda r: r["hbm_per_device_bytes"]["total"]  # noqa: E731
+    mem = lambda r: r["hbm_per_device_bytes"]["total"]
 
     def flops_line():
         """FLOPs against batch through the two smallest batches that fit, once there are two."""

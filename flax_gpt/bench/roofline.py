@@ -53,12 +53,13 @@ def _array_bytes(shape: str) -> int:
 def _parse(line: str, m: re.Match) -> _Op:
     rest = line[m.end():]
     if rest.startswith("("):  # a tuple shape; its layouts hold parentheses too, e.g. {1,0:T(8,128)(2,1)}
-        depth = 0
+        depth, end = 0, len(rest)
         for i, c in enumerate(rest):
             depth += (c == "(") - (c == ")")
             if depth == 0:
+                end = i + 1
                 break
-        shape, rest = rest[: i + 1], rest[i + 1:]
+        shape, rest = rest[:end], rest[end:]
     else:
         shape, _, rest = rest.partition(" ")
     opcode, _, rest = rest.strip().partition("(")
@@ -117,7 +118,7 @@ def hidden_bytes(hlo: str) -> dict:
     whose trip count the text does not give (counted once, as XLA does)}."""
     comps, entry = _module(hlo)
     defs = {op.name: op for body in comps.values() for op in body}
-    size = lambda name: defs[name].out_bytes if name in defs else 0  # noqa: E731
+    size = lambda name: defs[name].out_bytes if name in defs else 0
 
     def const(name: str) -> int | None:
         op = defs.get(name)

@@ -32,9 +32,9 @@ from flax_gpt.config import Config
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.model import flops
 from flax_gpt.model.attention import kernel_for
+from flax_gpt.model.family import flops_per_token
 from flax_gpt.model.loss import choose_kernel as loss_kernel_for
 from flax_gpt.sharding import mesh_shape
-from flax_gpt.model.family import flops_per_token
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.state import StateBuilder, total_steps
 from flax_gpt.train.trainer import Trainer

@@ -70,7 +70,8 @@ def measure_torch_baseline(
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "flops_per_token": flops_per_token(model_cfg, seq_len),
         "tokens_per_sec": None,
         "step_time_s": None,

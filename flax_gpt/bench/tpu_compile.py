@@ -168,14 +168,14 @@ def compile_step(cfg: Config, gen: str, devices: list, *, say=None) -> dict:
     capacity = HBM_BYTES[gen]
     chips = {(getattr(d, "slice_index", 0), *d.coords) for d in devices}
     out = {"device_kind": kind, "devices": n, "chips": len(chips), "hosts": len({d.process_index for d in devices}),
-           "mesh": dict(b.mesh.shape), "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
-           "compiler": getattr(devices[0].client, "platform_version", None)}
+           "mesh": dict(b.mesh.shape), "batch_size": B, "seq_len": T, "dtype": cfg.model.dtype,
+           "remat": cfg.model.remat, "compiler": getattr(devices[0].client, "platform_version", None)}
     t0 = time.perf_counter()
     lowered = b.step_fn.lower(b.abstract, b.abstract_batch())
     say("compiling with XLA:TPU (the long part: minutes for a large model on a small host)")
     try:
         compiled = wait_interruptibly(lowered.compile)  # SIGTERM and Ctrl-C stop it at once
-    except Exception as e:  # noqa: BLE001 - XLA's runtime error; only its out-of-memory form is ours
+    except Exception as e:  # XLA's runtime error; only its out-of-memory form is ours
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         # The compiler gave up for lack of HBM; its message says what it wanted (G = GiB), either

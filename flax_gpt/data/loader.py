@@ -38,12 +38,12 @@ import queue
 import sys
 import threading
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from flax_gpt.errors import DataError
 from flax_gpt.data.shards import TokenRows
+from flax_gpt.errors import DataError
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 DEVICE_KEYS = ("inputs", "targets", "loss_mask")  # what goes to the devices (see global_batch)

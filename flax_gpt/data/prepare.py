@@ -34,8 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt import storage
-from flax_gpt.data.shards import (FORMAT_VERSION, MANIFEST_NAME, check_all_shards, read_manifest, shard_name,
-                                  token_dtype, write_manifest, write_shard)
+from flax_gpt.data.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    check_all_shards,
+    read_manifest,
+    shard_name,
+    token_dtype,
+    write_manifest,
+    write_shard,
+)
 from flax_gpt.data.sources import DocumentCounter, Unit, check_not_empty, open_source
 from flax_gpt.data.stats import corpus_stats, count_lengths, word_counts
 from flax_gpt.data.tokenizer import load_tokenizer
@@ -388,7 +396,7 @@ def _remove_stale(folder, manifest: dict) -> None:
     keep = {e["file"] for s in manifest["splits"].values() for e in s["shards"]}
     for p in folder.iterdir():
         name = p.name
-        ours = name.endswith(".npy") and name.split("-")[0] in SPLITS or name.startswith(".part-") or \
+        ours = (name.endswith(".npy") and name.split("-")[0] in SPLITS) or name.startswith(".part-") or \
             (name.startswith(".") and name.endswith(".tmp"))
         if ours and name not in keep:
             try:

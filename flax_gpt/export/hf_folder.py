@@ -34,9 +34,9 @@ from flax_gpt.train.state import load_params
 def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2",
               dtype: str = "float32", overwrite: bool = False, extra_files: dict[str, str] | None = None,
               check=None, origin: str = "") -> Path:
-    """Write an HF model folder (the family's transformers class); `check(folder)` runs on the finished local folder before
-    it is put in place (moved, or for a bucket uploaded). `origin`: the run it was exported from,
-    recorded in the folder's marker."""
+    """Write an HF model folder (the family's transformers class); `check(folder)` runs on the finished
+    local folder before it is put in place (moved, or for a bucket uploaded). `origin`: the run it was
+    exported from, recorded in the folder's marker."""
     out = out_dir
     storage.check_output(out, "export", overwrite=overwrite)
     storage.check_writable(out, "export folder")

@@ -12,8 +12,8 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from flax_gpt.errors import HFError
 from flax_gpt import storage
+from flax_gpt.errors import HFError
 from flax_gpt.storage import MARKER
 
 

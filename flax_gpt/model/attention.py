@@ -27,8 +27,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as splash,
-                                                              splash_attention_mask as splash_mask)
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
 from flax_gpt.errors import ConfigError
@@ -180,7 +180,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
         # bound on documents per row; it is left until a GPU can check it against this path.
         mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-    heads_major = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731
+    heads_major = lambda t: t.transpose(0, 2, 1, 3)
     out = splash_heads_major(heads_major(q), heads_major(k), heads_major(v), segment_ids=segment_ids,
                              interpret=interpret)
     return heads_major(out)

@@ -14,8 +14,9 @@ Adding a family is a module, its HF name map, and one `Family(...)` entry below.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -86,7 +87,8 @@ FAMILIES: dict[str, Family] = {
         hf_model_type="gpt2", hf_architecture="GPT2LMHeadModel", to_hf_state_dict=hf.to_hf_state_dict,
         from_hf_state_dict=hf.from_hf_state_dict, hf_config=_gpt2_hf_config, config_from_hf=hf.model_config_from_hf),
     "llama": Family(
-        name="llama", label="Llama-architecture", module_class=llama.Llama, init_params=llama.init_params, init_cache=llama.init_cache,
+        name="llama", label="Llama-architecture", module_class=llama.Llama, init_params=llama.init_params,
+        init_cache=llama.init_cache,
         decoding_params=llama.decoding_params, head_embedding=llama.head_embedding,
         flops_per_token=llama.flops_per_token, param_count=llama.param_count,
         hf_model_type="llama", hf_architecture="LlamaForCausalLM", to_hf_state_dict=llama_hf.to_hf_state_dict,

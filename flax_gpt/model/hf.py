@@ -17,13 +17,11 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file
 
+from flax_gpt import hub, storage
 from flax_gpt.config import ModelConfig
-from flax_gpt.presets import GPT2_EOS_ID, MODEL_PRESETS
 from flax_gpt.errors import HFError
-from flax_gpt import storage
-from flax_gpt import hub
 from flax_gpt.hub import is_hub_id
-
+from flax_gpt.presets import GPT2_EOS_ID, MODEL_PRESETS
 
 # Ours -> HF, per block and at the top. LayerNorm "scale" is HF's "weight", a Conv1D "kernel" is
 # HF's "weight" with the same (in, out) layout, so no transposes are needed anywhere.

@@ -80,7 +80,8 @@ def loss_figure(train: list[dict], evals: list[dict]) -> Figure:
     vsteps, vloss = column(evals, "val_loss")
     fig, (ax,) = new_figure(width=8.0)
     long = len(loss) > 50
-    plot_line(ax, steps, loss, "train loss (raw)" if long else "train loss", color="tab:blue", alpha=0.35 if long else 1.0)
+    plot_line(ax, steps, loss, "train loss (raw)" if long else "train loss", color="tab:blue",
+              alpha=0.35 if long else 1.0)
     if long:  # the raw curve of a long run is noise around this trend
         ax.plot(steps, ema(loss, 0.9), color="tab:blue", label="train loss (EMA 0.9)")
     if len(vsteps):
@@ -177,7 +178,8 @@ def throughput_figure(train: list[dict]) -> Figure:
     if len(msteps):
         plot_line(axes[1], msteps, 100 * mfu, "MFU", color="tab:red")
         if (m := mean_mfu(train)) is not None:
-            axes[1].axhline(100 * m, color="0.3", linestyle="--", linewidth=1, label=f"at the mean tokens/s {100 * m:.1f}%")
+            axes[1].axhline(100 * m, color="0.3", linestyle="--", linewidth=1,
+                            label=f"at the mean tokens/s {100 * m:.1f}%")
         axes[1].set_ylim(bottom=0)
         style(axes[1], "Model FLOPs utilisation vs step", "step", "MFU (% of peak)")
     return fig

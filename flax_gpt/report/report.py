@@ -15,8 +15,8 @@ import html
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm  # in Jupyter a notebook widget, elsewhere the text bar
@@ -25,10 +25,18 @@ from flax_gpt import storage
 from flax_gpt.data.shards import open_split, read_manifest
 from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import CheckpointError, ConfigError
-from flax_gpt.process import progress
 from flax_gpt.generate import load_model
-from flax_gpt.report.plots import (cloud_image, plot_clouds, plot_corpus, plot_loss, plot_lr, plot_perplexity,
-                                   plot_throughput, slug)
+from flax_gpt.process import progress
+from flax_gpt.report.plots import (
+    cloud_image,
+    plot_clouds,
+    plot_corpus,
+    plot_loss,
+    plot_lr,
+    plot_perplexity,
+    plot_throughput,
+    slug,
+)
 from flax_gpt.report.series import MEAN_TPS_DEFINITION, mean_mfu, mean_tokens_per_sec, read_series
 from flax_gpt.train.run_dir import find_shards, read_run_config
 

@@ -92,8 +92,9 @@ class Checkpointer:
                 json.loads(metrics.read_bytes())
             except ValueError:
                 raise CheckpointError(f"checkpoint {step_dir.name} in {self.directory} is damaged (its metrics file "
-                                      f"is not valid JSON); move {step_dir} into {self.directory.parent / DAMAGED_DIR}/ "
-                                      "and rerun, to continue from the checkpoint before it") from None
+                                      f"is not valid JSON); move {step_dir} into "
+                                      f"{self.directory.parent / DAMAGED_DIR}/ and rerun, to continue from the "
+                                      "checkpoint before it") from None
 
     def steps(self) -> list[int]:
         if self._manager is None and not self.directory.is_dir():
@@ -148,8 +149,8 @@ class Checkpointer:
     def _save_error(self, step: int | None, e: OSError) -> StorageError:
         committed = [s for s in self.steps() if s != step]
         kept = f"checkpoint {committed[-1]} is intact" if committed else "no earlier checkpoint exists"
-        return StorageError(f"could not write checkpoint {step} to {self.directory} ({storage.error_reason(e)}); {kept}; "
-                            "free space or fix the folder, then rerun the same command to resume")
+        return StorageError(f"could not write checkpoint {step} to {self.directory} ({storage.error_reason(e)}); "
+                            f"{kept}; free space or fix the folder, then rerun the same command to resume")
 
     def has_opt_state(self, step: int) -> bool:
         return (self.directory / str(step) / "train").exists()

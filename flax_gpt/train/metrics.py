@@ -25,8 +25,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from tqdm.auto import tqdm  # in Jupyter a notebook widget, elsewhere the text bar
 
@@ -182,7 +183,7 @@ class MetricsWriter:
             shutil.rmtree(self._local, ignore_errors=True)
             self._local = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *_exc: Any) -> None:
@@ -261,7 +262,7 @@ class ProgressBar:
     def close(self) -> None:
         self._bar.close()
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *_exc: Any) -> None:

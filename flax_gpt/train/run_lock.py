@@ -58,7 +58,7 @@ class RunLock:
         deadline = time.monotonic() + _RETRY_S
         while True:
             try:
-                f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+                f = open(self.path, "a+", encoding="utf-8")  # held until release()
             except PermissionError as e:  # a lock file another user left
                 raise OutputError(f"run directory {self.run_dir}: cannot open its lock file {self.path} "
                                   f"({storage.error_reason(e)}); fix its permissions") from None
@@ -106,7 +106,7 @@ class RunLock:
 def check_free(run_dir) -> None:
     """Refuse at once, writing nothing, when another process holds the run's lock."""
     try:
-        f = open(lock_path(run_dir), encoding="utf-8")  # noqa: SIM115 - closed below
+        f = open(lock_path(run_dir), encoding="utf-8")  # closed below
     except (FileNotFoundError, NotADirectoryError, PermissionError):  # none, or not ours to probe: acquire says
         return
     with f:

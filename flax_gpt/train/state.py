@@ -20,14 +20,21 @@ from flax_gpt.config import Config, MeshConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.family import abstract_params, init_params, load_hf, model
 from flax_gpt.presets import GPT2_EOS_ID
-from flax_gpt.sharding import (batch_shards, batch_sharding, check_divisible, make_mesh, on_mesh, param_shardings,
-                               replicated, tree_shardings_like_params)
+from flax_gpt.sharding import (
+    batch_sharding,
+    batch_shards,
+    check_divisible,
+    make_mesh,
+    on_mesh,
+    param_shardings,
+    replicated,
+    tree_shardings_like_params,
+)
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.host_memory import GiB, check_host_memory, local_bytes, n_params, on_cpu, training_need
 from flax_gpt.train.optim import build_optimizer, make_schedule
 from flax_gpt.train.run_dir import CONFIG_FILE, check_same_architecture, read_run_config, resolve_step
 from flax_gpt.train.step import TrainState, train_step
-
 
 # What to change when a training state does not fit in host memory.
 _SMALLER = ("use a smaller model (model.preset, model.n_layer, model.n_embd), shard it over the devices with "

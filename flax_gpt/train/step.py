@@ -91,8 +91,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
 
         def body(carry, xs):
             i, mb = xs
-            l, c, g = micro(i, mb)
-            return (carry[0] + l, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
+            s, c, g = micro(i, mb)
+            return (carry[0] + s, carry[1] + c, jax.tree.map(jnp.add, carry[2], g)), None
 
         (loss_sum, count, grads), _ = jax.lax.scan(
             body, (jnp.float32(0), jnp.float32(0), zeros), (jnp.arange(grad_accum), mbs))
@@ -103,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
         step=state.step + finite.astype(state.step.dtype),
         params=keep(new_params, state.params),
