@@ -1,6 +1,6 @@
-"""The training loop: step, metrics fetched a step late, evaluation and checkpoint cadence,
-preemption, profiling. The state, its shardings and the jitted step come from `StateBuilder`;
-evaluation is the `Evaluator`; the math is in `step.py`. This file only decides what runs when.
+"""The training loop: step, metrics fetched a step late, preemption. The state, its shardings and
+the jitted step come from `StateBuilder`; the periodic actions (evaluation, checkpoints, the
+profiler window) are hooks (`hooks.py`); the math is in `step.py`. This file only runs the steps.
 """
 
 from __future__ import annotations
@@ -8,23 +8,21 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
 
-from flax_gpt import storage
-from flax_gpt.config import Config, profile_range
+from flax_gpt.config import Config
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.errors import TrainError
 from flax_gpt.model.family import flops_per_token
 from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
+from flax_gpt.train.hooks import build_hooks
 from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput
-from flax_gpt.train.run_dir import commit_config, publish_trace
+from flax_gpt.train.run_dir import commit_config
 from flax_gpt.train.state import StateBuilder
 
 
@@ -41,7 +39,6 @@ class Trainer:
 
     def fit(self, train_rows, val_rows, *, final_eval: bool = True) -> dict:
         cfg, total_steps = self.cfg, self.builder.total_steps
-        is_main = jax.process_index() == 0
         ckpt = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                             async_save=cfg.checkpoint.async_save)
         state = self.builder.restore_or_init(ckpt, say=self.say)
@@ -50,132 +47,139 @@ class Trainer:
             ckpt.close()
             self.say(f"already trained to step {start} (train.steps={total_steps}); raise train.steps to go further")
             return {"step": start, "already_trained": True}
-        writer = MetricsWriter(self.run_dir, enabled=is_main, purge_step=start or None, on_record=self.on_record,
-                               config=cfg)
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        thr = Throughput(tokens_per_step=tokens_per_step, n_devices=jax.device_count(),
-                         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
-                         device_kind=jax.devices()[0].device_kind)
-        bar = ProgressBar(total_steps, start, disable=not (is_main and cfg.train.progress))
-        profile = profile_range(cfg.train.profile_steps) if cfg.train.profile_steps else None
-        profile_dir = None
-        has_val = val_rows is not None and val_rows.num_rows > 0
-        if final_eval and not has_val:
-            self.say("no validation split (data.val_fraction=0, or too few documents for one row of "
-                     "data.seq_len): training without evaluation")
-        stop = _PreemptionFlag()
-        last_eval: dict | None = None
-        last_saved = start if start in ckpt.steps() else None
-        committed = False
-        pending = None  # (step, device metrics): fetched one step late so dispatch stays async
-        t_prev = None
-        step_times: list[float] = []
-
-        def flush():
-            nonlocal pending, t_prev, committed
-            if pending is None:
-                return
-            s, m = pending
-            pending = None
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            if not bool(m["finite"]):
-                raise TrainError(
-                    f"loss became non-finite at step {s + 1} (loss={float(m['loss'])}, grad_norm="
-                    f"{float(m['grad_norm'])}); the update was skipped and nothing was saved; the latest "
-                    f"checkpoint is {ckpt.steps()[-1] if ckpt.steps() else 'none'}; lower optim.learning_rate")
-            if not committed:  # the first trained step: from now on the run directory is this run's
-                commit_config(cfg)
-                committed = True
-            rec = {"step": s + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                   "grad_norm": float(m["grad_norm"]), "tokens_seen": (s + 1) * tokens_per_step}
-            if t_prev is not None:  # the first fetched step includes compilation: not timed
-                dt = now - t_prev
-                step_times.append(dt)
-                thr.update(dt)
-                rec.update({k: v for k, v in thr.summary([dt]).items() if v is not None})
-            t_prev = now
-            if (s + 1) % cfg.train.log_every == 0 or s + 1 == total_steps:
-                writer.write(rec)
-            bar.update(s + 1, loss=rec["loss"], tokens_per_sec=rec.get("tokens_per_sec"))
-
-        def save(step: int, val_loss=None):
-            nonlocal last_saved
-            writer.sync()
-            ckpt.save(step, state.params, state.opt_state, state.rng,
-                      meta={"tokens_seen": step * tokens_per_step}, val_loss=val_loss)
-            last_saved = step
-
-        def run_eval(step: int):
-            nonlocal last_eval, t_prev
-            last_eval = {"step": step, **self.evaluator.evaluate(state.params, val_rows)}
-            writer.write(last_eval)
-            bar.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  perplexity {last_eval['perplexity']:.2f}")
-            t_prev = None  # the next step's time would include the evaluation
-
+        loop = Loop(cfg, ckpt, state, start, total_steps, on_record=self.on_record)
+        if val_rows is None or val_rows.num_rows == 0:
+            val_rows = None
+            if final_eval:
+                self.say("no validation split (data.val_fraction=0, or too few documents for one row of "
+                         "data.seq_len): training without evaluation")
+        hooks = build_hooks(cfg, self.evaluator, val_rows, final_eval=final_eval)
         loader = TrainLoader(train_rows, global_batch=cfg.train.batch_size, seed=cfg.train.seed,
                              document_mask=cfg.data.document_mask, packing=cfg.data.packing,
                              sharding=self.builder.batch_sh, prefetch=cfg.data.prefetch)
-        tracing = False
+        stop = _PreemptionFlag()
         try:
             with stop:
                 for s, batch in loader.iterate(start, total_steps):
-                    if profile and s == profile[0]:
-                        flush()
-                        # Traced into a local folder of its own, put in the run directory when the trace
-                        # ends, and only once it is the run's: a first step that fails writes nothing there.
-                        profile_dir = Path(tempfile.mkdtemp(prefix=f"{storage.TMP_PREFIX}profile-"))
-                        jax.profiler.start_trace(str(profile_dir))
-                        tracing = True
+                    for hook in hooks:
+                        hook.before(s, loop)
                     if s == start:  # the first call compiles the step: minutes for a large model
-                        bar.write("compiling the train step; training starts when it is done")
+                        loop.bar.write("compiling the train step; training starts when it is done")
                         t_compile = time.perf_counter()
-                        state, metrics = wait_interruptibly(self.builder.step_fn, state, batch)
-                        bar.write(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s")
+                        loop.state, metrics = wait_interruptibly(self.builder.step_fn, loop.state, batch)
+                        loop.bar.write(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s")
                     else:
-                        state, metrics = self.builder.step_fn(state, batch)
-                    flush()
-                    pending = (s, metrics)
+                        loop.state, metrics = self.builder.step_fn(loop.state, batch)
+                    loop.push(s, metrics)
                     done = s + 1
-                    if tracing and done == profile[1]:
-                        flush()
-                        jax.profiler.stop_trace()
-                        tracing = False
-                        publish_trace(profile_dir, self.run_dir)
-                    do_eval = has_val and cfg.train.eval_every and done % cfg.train.eval_every == 0 \
-                        and done < total_steps
-                    do_ckpt = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total_steps
                     preempted = stop.requested(done)
-                    if do_eval or do_ckpt or preempted:
-                        flush()  # never save or evaluate a step whose loss was not checked
-                    if do_eval:
-                        run_eval(done)
-                    if do_ckpt or preempted:
-                        save(done, last_eval["val_loss"] if do_eval else None)
+                    for hook in hooks:
+                        if hook.due(done, total_steps):
+                            hook.run(done, loop)
                     if preempted:
+                        loop.flush()  # never save a step whose loss was not checked
+                        if loop.last_saved != done:
+                            loop.save(done)
                         ckpt.wait()
-                        bar.write(f"preempted: checkpoint {done} written; run the same command to resume")
+                        loop.bar.write(f"preempted: checkpoint {done} written; run the same command to resume")
                         return {"step": done, "preempted": True}
-                flush()
-            done = int(jax.device_get(state.step))
-            if final_eval and has_val and (last_eval is None or last_eval["step"] != done):
-                run_eval(done)
-            if last_saved != done:
-                save(done, last_eval["val_loss"] if last_eval and last_eval["step"] == done else None)
+                loop.flush()
+            done = int(jax.device_get(loop.state.step))
+            for hook in hooks:
+                hook.at_end(done, loop)
             ckpt.wait()
         finally:
-            if tracing:
-                jax.profiler.stop_trace()
-            if profile_dir is not None:
-                publish_trace(profile_dir, self.run_dir, keep=committed)
-            bar.close()
-            writer.close()
-            ckpt.close()
-        timed = step_times[1:] or step_times
-        summary = thr.summary(timed)
+            for hook in hooks:
+                hook.close(loop)
+            loop.close()
+        return {"step": done, **(loop.last_eval or {}), **loop.summary()}
+
+
+class Loop:
+    """What a training run holds between steps, and what hooks see: the state, the checkpointer,
+    the metrics writer and progress bar, the last evaluation and the last saved step.
+
+    A step's metrics are fetched one step late (`push`, then `flush`) so dispatch stays async;
+    `flush` checks the loss is finite, writes the config at the first trained step (from then on
+    the run directory is this run's), times the step and writes every `train.log_every`-th record.
+    """
+
+    def __init__(self, cfg: Config, ckpt: Checkpointer, state, start: int, total_steps: int, *, on_record=None):
+        is_main = jax.process_index() == 0
+        self.cfg, self.ckpt, self.state, self.total_steps = cfg, ckpt, state, total_steps
+        self.run_dir = cfg.train.run_dir
+        self.writer = MetricsWriter(self.run_dir, enabled=is_main, purge_step=start or None,
+                                    on_record=on_record, config=cfg)
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.thr = Throughput(tokens_per_step=self.tokens_per_step, n_devices=jax.device_count(),
+                              flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+                              device_kind=jax.devices()[0].device_kind)
+        self.bar = ProgressBar(total_steps, start, disable=not (is_main and cfg.train.progress))
+        self.last_eval: dict | None = None
+        self.last_saved = start if start in ckpt.steps() else None
+        self.committed = False
+        self._pending = None  # (step, device metrics)
+        self._t_prev: float | None = None
+        self._step_times: list[float] = []
+
+    def push(self, step: int, metrics) -> None:
+        """Step `step` (0-based) was dispatched: fetch the previous one's metrics, keep these."""
+        self.flush()
+        self._pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Fetch and record the pending step's metrics, if any."""
+        if self._pending is None:
+            return
+        s, m = self._pending
+        self._pending = None
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        if not bool(m["finite"]):
+            steps = self.ckpt.steps()
+            raise TrainError(
+                f"loss became non-finite at step {s + 1} (loss={float(m['loss'])}, grad_norm="
+                f"{float(m['grad_norm'])}); the update was skipped and nothing was saved; the latest "
+                f"checkpoint is {steps[-1] if steps else 'none'}; lower optim.learning_rate")
+        if not self.committed:  # the first trained step: from now on the run directory is this run's
+            commit_config(self.cfg)
+            self.committed = True
+        rec = {"step": s + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
+               "grad_norm": float(m["grad_norm"]), "tokens_seen": (s + 1) * self.tokens_per_step}
+        if self._t_prev is not None:  # the first fetched step includes compilation: not timed
+            dt = now - self._t_prev
+            self._step_times.append(dt)
+            self.thr.update(dt)
+            rec.update({k: v for k, v in self.thr.summary([dt]).items() if v is not None})
+        self._t_prev = now
+        if (s + 1) % self.cfg.train.log_every == 0 or s + 1 == self.total_steps:
+            self.writer.write(rec)
+        self.bar.update(s + 1, loss=rec["loss"], tokens_per_sec=rec.get("tokens_per_sec"))
+
+    def untime(self) -> None:
+        """Leave the next step untimed: something other than training ran since the last one."""
+        self._t_prev = None
+
+    def save(self, step: int) -> None:
+        """Checkpoint the state as step `step`, with the val_loss when `step` was just evaluated."""
+        val_loss = self.last_eval["val_loss"] if self.last_eval and self.last_eval["step"] == step else None
+        self.writer.sync()
+        self.ckpt.save(step, self.state.params, self.state.opt_state, self.state.rng,
+                       meta={"tokens_seen": step * self.tokens_per_step}, val_loss=val_loss)
+        self.last_saved = step
+
+    def summary(self) -> dict:
+        """Throughput over the timed steps (the first timed one left out when there are more)."""
+        timed = self._step_times[1:] or self._step_times
+        summary = self.thr.summary(timed)
         if timed:
             summary["step_time_median_s"] = statistics.median(timed)
-        return {"step": done, **(last_eval or {}), **{k: v for k, v in summary.items() if v is not None}}
+        return {k: v for k, v in summary.items() if v is not None}
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.ckpt.close()
 
 
 class _PreemptionFlag:
