@@ -65,9 +65,9 @@ def train(cfg: ConfigLike, *overrides: str, overwrite_data: bool = False, overwr
     `metrics.jsonl` (train lines with `loss`, eval lines with `val_loss`); `train.progress=false`
     turns the progress bar off."""
     cfg = config(cfg, *overrides)
-    result = pipeline.train(cfg, overwrite_data=overwrite_data, overwrite_export=overwrite_export,
-                            on_record=on_metrics)
-    return LM(load_model(run_dir=cfg.train.run_dir), result=result, folder=result.get("export_dir"))
+    result, final = pipeline.train(cfg, overwrite_data=overwrite_data, overwrite_export=overwrite_export,
+                                   on_record=on_metrics)
+    return LM(pipeline.trained_model(cfg, final), result=result, folder=result.get("export_dir"))
 
 
 def import_hf(src: str, run_dir: str | Path) -> LM:

@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
     _maybe_distributed(args)
     from flax_gpt import pipeline  # deferred, see above
 
-    result = pipeline.train(_config(args), overwrite_data=args.overwrite_data, overwrite_export=args.overwrite)
+    result, _ = pipeline.train(_config(args), overwrite_data=args.overwrite_data, overwrite_export=args.overwrite)
     print(json.dumps(result))
     return 0
 

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from flax_gpt import storage
 from flax_gpt.config import Config, DataConfig, MeshConfig
 from flax_gpt.data.prepare import prepare_shards
 from flax_gpt.data.shards import open_split
+from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import ConfigError, OutputError
 from flax_gpt.export.hf_folder import export_run, require_torch
-from flax_gpt.generate import folder_tokenizer, load_model
+from flax_gpt.generate import LoadedModel, folder_tokenizer, load_model
 from flax_gpt.model.family import load_hf
 from flax_gpt.model.hf import read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
@@ -68,7 +70,10 @@ def say_now(line: str) -> None:
 
 
 def train(cfg: Config, *, overwrite_data: bool = False, overwrite_export: bool = False, say=say_now,
-          on_record=None) -> dict:
+          on_record=None) -> tuple[dict, tuple[int, dict, dict] | None]:
+    """`flax-gpt train`: (the result the CLI prints, `Trainer.final`: the last step's (step, params,
+    meta) in device memory, None when this call did not train to the end). The export and samples
+    at the end use those parameters, not a re-read checkpoint (`trained_model` for the API)."""
     resuming = check_outputs(cfg, overwrite_export=overwrite_export)
     ensure_shards(cfg, overwrite=overwrite_data)
     train_rows, val_rows = open_splits(cfg)
@@ -78,20 +83,46 @@ def train(cfg: Config, *, overwrite_data: bool = False, overwrite_export: bool =
             f"{cfg.model.n_embd} wide) for {builder.total_steps} steps of {cfg.train.batch_size}x"
             f"{cfg.data.seq_len} tokens on {jax.device_count()} {jax.devices()[0].platform} device(s), "
             f"mesh {dict(builder.mesh.shape)}")
-    result = Trainer(cfg, builder, say=say, on_record=on_record).fit(train_rows, val_rows)
-    if result.get("preempted"):
-        return result
+    trainer = Trainer(cfg, builder, say=say, on_record=on_record)
+    result = trainer.fit(train_rows, val_rows)
+    if result.get("preempted") or not (cfg.train.export_dir or cfg.train.sample_prompts):
+        return result, trainer.final
+    trained = _trained(cfg, trainer.final)  # on every process: gathering is a collective
     if cfg.train.export_dir and jax.process_index() == 0:
-        out, diff = export_run(cfg.train.run_dir, cfg.train.export_dir, overwrite=True)
+        out, diff = export_run(cfg.train.run_dir, cfg.train.export_dir, overwrite=True, loaded=trained)
         result["export_dir"] = str(out)
         say(f"exported to {out} (transformers reload checked, max logit diff {diff:.1e})")
     if cfg.train.sample_prompts and jax.process_index() == 0:
-        model = load_model(run_dir=cfg.train.run_dir)
+        model = _loaded_model(cfg, trained)
         texts = model.generate(list(cfg.train.sample_prompts), max_new_tokens=cfg.train.sample_max_new_tokens,
                                seed=cfg.train.seed, top_p=0.95)
         for prompt, text in zip(cfg.train.sample_prompts, texts):
             say(f"\n--- sample: {prompt!r}\n{text}")
-    return result
+    return result, trainer.final
+
+
+def trained_model(cfg: Config, final: tuple[int, dict, dict] | None) -> LoadedModel:
+    """The model `train` returned `final` for: from memory, or the run's latest checkpoint (None)."""
+    return _loaded_model(cfg, _trained(cfg, final))
+
+
+def _trained(cfg: Config, final: tuple[int, dict, dict] | None) -> tuple[Config, dict, int, dict]:
+    """(config, params on the host, step, meta) of the trained model, as `load_params` returns a
+    checkpoint's: the last step's parameters from memory (every process gathers them, a
+    collective), or the latest checkpoint when this call trained no step."""
+    if final is None:
+        cfg, params, step, meta = load_params(cfg.train.run_dir)
+        return cfg, jax.device_get(params), step, meta
+    step, params, meta = final
+    if jax.process_count() == 1:
+        return cfg, jax.device_get(params), step, meta
+    return cfg, multihost_utils.process_allgather(params, tiled=True), step, meta  # global arrays, whole
+
+
+def _loaded_model(cfg: Config, trained: tuple[Config, dict, int, dict]) -> LoadedModel:
+    _, params, step, _ = trained
+    return LoadedModel(params, dataclasses.replace(cfg.model, remat="none"), load_tokenizer(cfg.data.tokenizer),
+                       run_dir=cfg.train.run_dir, step=step)
 
 
 def evaluate(run_dir=None, *, hf: str | None = None, step=None, data=None, text_column: str | None = None,

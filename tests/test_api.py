@@ -9,6 +9,7 @@ import shutil
 import signal
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 from conftest import ROOT, TRAINED_OVERRIDES
@@ -104,6 +105,38 @@ def test_interrupting_train_checkpoints_and_the_same_call_resumes(flow, tmp_path
     second = api.train(cfg, on_metrics=seen.append)
     assert second.step == 4
     assert computed(seen) == computed(flow.records)
+
+
+def test_the_end_of_training_exports_and_samples_the_parameters_in_memory(flow, tmp_path, monkeypatch, capsys):
+    """train's export, samples and returned model use the trained parameters where they are, in
+    memory: with every checkpoint reader broken they still come out, and they are what the last
+    checkpoint holds (the export byte for byte `export` of it, the samples the same text)."""
+    from flax_gpt import generate, pipeline
+    from flax_gpt.export import hf_folder
+
+    cfg = api.config(flow.cfg, f"train.run_dir={tmp_path / 'run'}", f"train.export_dir={tmp_path / 'exp'}",
+                     "train.sample_prompts=[clustering]")
+
+    def unread(*a, **k):
+        raise AssertionError("a checkpoint was read back")
+
+    with monkeypatch.context() as m:
+        for module in (pipeline, hf_folder, generate):
+            m.setattr(module, "load_params", unread)
+        capsys.readouterr()
+        lm = api.train(cfg)
+        printed = capsys.readouterr().out
+    assert lm.step == 4 and lm.result["export_dir"] == str(tmp_path / "exp")
+    from_disk = api.LM.from_run(tmp_path / "run")
+    assert from_disk.step == 4
+    for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(from_disk.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from_disk.export(tmp_path / "exp2")
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("exp", "exp2")]
+    assert weights[0] == weights[1]
+    sample = from_disk.generate("clustering", max_new_tokens=cfg.train.sample_max_new_tokens, seed=cfg.train.seed,
+                                top_p=0.95)[0]
+    assert f"--- sample: 'clustering'\n{sample}\n" in printed
 
 
 def test_evaluate_is_the_training_eval_and_the_cli_eval(flow, capsys):

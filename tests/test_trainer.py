@@ -207,10 +207,10 @@ def test_two_processes_match_one_process(shards, tmp_path):
     assert _train_cli(tmp_path / "single", *common, devices=4).returncode == 0
     run = tmp_path / "multi"
 
-    def launch(steps):
+    def launch(steps, *more):
         port = _free_port()
         procs = [
-            _train_cli(run, *common, f"train.steps={steps}", devices=2, wait=False,
+            _train_cli(run, *common, f"train.steps={steps}", *more, devices=2, wait=False,
                        extra_args=["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                    "--process-id", str(i)])
             for i in range(2)
@@ -221,10 +221,17 @@ def test_two_processes_match_one_process(shards, tmp_path):
         return outs
 
     launch(2)
-    outs = launch(4)  # resumes from the checkpoint both processes wrote at step 2
-    assert "resuming from checkpoint 2" in outs[0][0]
+    # resumes from the checkpoint both processes wrote at step 2; the export at the end is of the
+    # parameters in memory, gathered from both processes, and is the last checkpoint's, byte for byte
+    outs = launch(4, f"train.export_dir={tmp_path / 'exp'}")
+    assert "resuming from checkpoint 2" in outs[0][0] and "exported to" in outs[0][0]
     a, b = _losses(tmp_path / "single"), _losses(run)
     np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], atol=1e-5)
+    r = subprocess.run([sys.executable, "-m", "flax_gpt.cli", "export", str(run), "--out", str(tmp_path / "exp2")],
+                       env=_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("exp", "exp2")]
+    assert weights[0] == weights[1]
 
 
 def _one_error_line(r, *needles):

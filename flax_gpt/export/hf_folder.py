@@ -132,14 +132,16 @@ def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: 
     return diff
 
 
-def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bool = False):
+def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bool = False, loaded=None):
     """`flax-gpt export`: a run's checkpoint -> HF folder with model card, reloaded and compared.
+    `loaded`: (config, params, step, meta) of that checkpoint already in memory, as `load_params`
+    returns them (the end of training passes its own), else it is read from the run directory.
 
     Returns (folder, max logit difference against transformers)."""
     storage.check_output(out, "export", overwrite=overwrite)  # fail before loading anything
     storage.check_writable(out, "export folder")
     require_torch()
-    cfg, params, chosen, meta = load_params(run_dir, step)
+    cfg, params, chosen, meta = loaded or load_params(run_dir, step)
     host = jax.device_get(params)
     if dtype == "bfloat16":  # compare against exactly the weights transformers will read
         host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), host)

@@ -32,6 +32,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, builder: StateBuilder, *, say=print, on_record=None):
         self.cfg, self.builder, self.say, self.on_record = cfg, builder, say, on_record
+        # (step, params, meta) of the last step once `fit` has trained to the end: what its last
+        # checkpoint holds, still in device memory, for the export and samples that follow.
+        self.final: tuple[int, dict, dict] | None = None
         self.run_dir = cfg.train.run_dir
         self.evaluator = Evaluator(cfg.model, builder.mesh, document_mask=cfg.data.document_mask,
                                    batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
@@ -88,6 +91,7 @@ class Trainer:
             for hook in hooks:
                 hook.at_end(done, loop)
             ckpt.wait()
+            self.final = (done, loop.state.params, loop.meta(done))
         finally:
             for hook in hooks:
                 hook.close(loop)
@@ -164,9 +168,13 @@ class Loop:
         """Checkpoint the state as step `step`, with the val_loss when `step` was just evaluated."""
         val_loss = self.last_eval["val_loss"] if self.last_eval and self.last_eval["step"] == step else None
         self.writer.sync()
-        self.ckpt.save(step, self.state.params, self.state.opt_state, self.state.rng,
-                       meta={"tokens_seen": step * self.tokens_per_step}, val_loss=val_loss)
+        self.ckpt.save(step, self.state.params, self.state.opt_state, self.state.rng, meta=self.meta(step),
+                       val_loss=val_loss)
         self.last_saved = step
+
+    def meta(self, step: int) -> dict:
+        """What a checkpoint of step `step` records besides the state."""
+        return {"tokens_seen": step * self.tokens_per_step}
 
     def summary(self) -> dict:
         """Throughput over the timed steps (the first timed one left out when there are more)."""
