@@ -314,11 +314,7 @@ class GPT2(nn.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Tied LM head: (B,T,D) @ wte^T -> (B,T,V_padded) float32, padded ids at -1e30."""
-        logits = constrain(self.wte.attend(h).astype(jnp.float32), "logits")
-        if self.cfg.padded_vocab != self.cfg.vocab_size:
-            valid = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
-            logits = jnp.where(valid, logits, _NEG)
-        return logits
+        return mask_padded_vocab(constrain(self.wte.attend(h).astype(jnp.float32), "logits"), self.cfg)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic=True,
                  cache: Cache | None = None, cache_index=None, kv_valid=None):
@@ -336,8 +332,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
     return tuple({"k": jnp.zeros(keys, dt), "v": jnp.zeros(values, dt)} for _ in range(cfg.n_layer))
 
 
+def mask_padded_vocab(logits: jax.Array, cfg) -> jax.Array:
+    """Logits (..., V_padded) with the padding ids (vocab_size and up) at -1e30: never sampled,
+    nothing in a softmax."""
+    if cfg.padded_vocab == cfg.vocab_size:
+        return logits
+    return jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, logits, _NEG)
+
+
 def transpose_kernels(params):
-    """The same parameters with every block kernel (in, out) -> (out, in), for GPT2(transposed_kernels=True)."""
+    """The same parameters with every block kernel (in, out) -> (out, in), for a family's module
+    built with `transposed_kernels=True`."""
     def flip(path, leaf):
         return leaf.T if path[-1].key == "kernel" else leaf
 

@@ -31,22 +31,24 @@ import jax.numpy as jnp
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.attention import attend
 from flax_gpt.model.gpt2 import (  # shared layers
+    _NEG,
     EMBED,
     HEADS_OUT,
     MLP,
     NORM,
     QKV,
     VOCAB,
+    _dtype,
     _matmul,
+    _param,
     attention_mask,
+    mask_padded_vocab,
+    transpose_kernels,
 )
 from flax_gpt.presets import MODEL_PRESETS
 from flax_gpt.sharding import constrain
 
 Cache = tuple  # one {"k": (B,G,K,S), "v": (B,G,S,K)} dict per layer
-
-_NEG = -1e30  # large and finite, so masked softmax rows never produce NaN (as in gpt2.py)
-
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -105,14 +107,6 @@ class LlamaConfig:
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     name: {k: v for k, v in p.items() if k in LlamaConfig.__dataclass_fields__}
     for name, p in MODEL_PRESETS.items() if p.get("family") == "llama"}
-
-
-def _dtype(name: str) -> Any:
-    return jnp.dtype(name)  # "float32" or "bfloat16"
-
-
-def _param(module: nn.Module, name: str, init, shape, axes) -> jax.Array:
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
 def _embed(cfg, dtype) -> nn.Embed:
@@ -295,10 +289,7 @@ class Llama(nn.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """(B,T,D) @ head^T -> (B,T,V_padded) float32, padded ids at -1e30."""
         module = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
-        logits = constrain(module.attend(h).astype(jnp.float32), "logits")
-        if self.cfg.padded_vocab != self.cfg.vocab_size:
-            logits = jnp.where(jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size, logits, _NEG)
-        return logits
+        return mask_padded_vocab(constrain(module.attend(h).astype(jnp.float32), "logits"), self.cfg)
 
     def __call__(self, tokens, positions=None, segment_ids=None, *, deterministic=True,
                  cache: Cache | None = None, cache_index=None, kv_valid=None):
@@ -313,14 +304,6 @@ def init_cache(cfg, batch: int, max_len: int) -> Cache:
     K, G, dt = cfg.head_size, cfg.kv_heads, _dtype(cfg.dtype)
     keys, values = (batch, G, K, max_len), (batch, G, max_len, K)
     return tuple({"k": jnp.zeros(keys, dt), "v": jnp.zeros(values, dt)} for _ in range(cfg.n_layer))
-
-
-def transpose_kernels(params):
-    """The same parameters with every block kernel (in, out) -> (out, in), for Llama(transposed_kernels=True)."""
-    def flip(path, leaf):
-        return leaf.T if path[-1].key == "kernel" else leaf
-
-    return jax.tree_util.tree_map_with_path(flip, params)
 
 
 def head_embedding(params, cfg) -> jax.Array:
