@@ -37,12 +37,25 @@ _UNSUPPORTED = {  # HF GPT2Config options this implementation does not reproduce
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": x}} -> {"a.b": x}: a params tree as dotted paths (every family's name map reads these)."""
     out = {}
     for k, v in tree.items():
         key = f"{prefix}.{k}" if prefix else k
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+        out.update(flatten(v, key) if isinstance(v, dict) else {key: v})
     return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"a.b": x} -> {"a": {"b": x}}: the inverse of `flatten`."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *mods, leaf = path.split(".")
+        for m in mods:
+            node = node.setdefault(m, {})
+        node[leaf] = value
+    return tree
 
 
 def to_hf_name(path: str) -> str:
@@ -56,7 +69,7 @@ def to_hf_name(path: str) -> str:
 def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our (unboxed) params -> HF state dict of numpy arrays; vocab padding is stripped."""
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten(params).items():
         arr = np.asarray(value)
         if path == "wte.embedding":
             arr = arr[: cfg.vocab_size]
@@ -70,7 +83,7 @@ def from_hf_state_dict(sd: dict[str, np.ndarray], cfg: ModelConfig, template: di
     head = sd.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, sd.get("wte.weight")):
         raise HFError("the checkpoint's lm_head is not tied to wte; only tied GPT-2 heads are supported")
-    flat_template = _flatten(template)
+    flat_template = flatten(template)
     params_flat = {}
     for path, tmpl in flat_template.items():
         name = to_hf_name(path).removeprefix("transformer.")
@@ -87,14 +100,7 @@ def from_hf_state_dict(sd: dict[str, np.ndarray], cfg: ModelConfig, template: di
         params_flat[path] = arr
     if sd:
         raise HFError(f"unexpected weights in the checkpoint: {sorted(sd)[:5]}; is it a GPT-2 model?")
-    params: dict = {}
-    for path, arr in params_flat.items():
-        node = params
-        *mods, leaf = path.split(".")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[leaf] = arr
-    return params
+    return unflatten(params_flat)
 
 
 def model_config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from flax_gpt.errors import HFError
-from flax_gpt.model.hf import read_hf_folder, resolve_source
+from flax_gpt.model.hf import flatten, read_hf_folder, resolve_source, unflatten
 from flax_gpt.model.llama import LLAMA_PRESETS, LlamaConfig
 
 # Ours -> HF leaf names: an RMSNorm "scale", a Dense "kernel" and an Embed "embedding" are all HF's "weight".
@@ -24,25 +24,6 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _UNSUPPORTED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
 _ARCH = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_inner", "vocab_size", "n_positions", "rope_theta",
          "layer_norm_epsilon", "tie_word_embeddings")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else k
-        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *mods, leaf = path.split(".")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[leaf] = value
-    return tree
 
 
 def to_hf_name(path: str) -> str:
@@ -64,7 +45,7 @@ def to_hf_state_dict(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """Our (unboxed) params -> HF state dict of numpy arrays. A tied head is not written (HF ties
     `lm_head.weight` to `model.embed_tokens.weight` on load); vocab padding is stripped."""
     out = {}
-    for path, value in _flatten(params).items():
+    for path, value in flatten(params).items():
         arr = np.asarray(value)
         if path.endswith(".kernel"):
             arr = np.ascontiguousarray(arr.T)
@@ -103,14 +84,14 @@ def from_hf_state_dict(sd: dict[str, np.ndarray], cfg: LlamaConfig, template: di
     sd = {k: v for k, v in sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     _check_head(sd, cfg)
     flat = {}
-    for path, tmpl in _flatten(template).items():
+    for path, tmpl in flatten(template).items():
         name = to_hf_name(path)
         if name not in sd:
             raise HFError(f"weight '{name}' is missing from the checkpoint; is it a Llama model of this shape?")
         flat[path] = _import_array(path, sd.pop(name), tuple(tmpl.shape))
     if sd:
         raise HFError(f"unexpected weights in the checkpoint: {sorted(sd)[:5]}; is it a Llama model?")
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 def _rope_theta(hf: dict) -> float:
