@@ -39,6 +39,7 @@ from flax_gpt.export.hub import push_to_hub
 from flax_gpt.generate import LoadedModel, load_model
 from flax_gpt.report.plots import corpus_figure, loss_figure, lr_figure, perplexity_figure, throughput_figure
 from flax_gpt.report.series import read_series
+from flax_gpt.train.metric_keys import STEP
 from flax_gpt.train.run_dir import read_run_config, run_manifest
 
 ConfigLike = Config | str | Path | None
@@ -141,7 +142,7 @@ class LM:
             raise ConfigError("plots() draws a run's metrics; load the run with LM.from_run(RUN_DIR)")
         run = storage.location(self.run_dir)
         train, evals = read_series(run)
-        figures = {"loss": loss_figure(train, evals), "perplexity": perplexity_figure(evals, train[-1]["step"]),
+        figures = {"loss": loss_figure(train, evals), "perplexity": perplexity_figure(evals, train[-1][STEP]),
                    "learning_rate": lr_figure(train), "throughput": throughput_figure(train)}
         manifest = run_manifest(run, read_run_config(run))
         if manifest is not None:

@@ -31,6 +31,7 @@ from flax_gpt.sharding import make_mesh
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.inputs import ensure_shards, open_splits
+from flax_gpt.train.metric_keys import STEP
 from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
 from flax_gpt.train.run_lock import check_free
 from flax_gpt.train.state import StateBuilder, load_params, total_steps
@@ -159,7 +160,7 @@ def evaluate(run_dir=None, *, hf: str | None = None, step=None, data=None, text_
         evaluator = Evaluator(model_cfg, mesh, batch_size=scored.batch_size, document_mask=scored.document_mask,
                               packing="pack" if data is not None else scored.cfg.data.packing)
         result = evaluator.evaluate(scored.params, rows, progress=progress)
-        return {"step": scored.step, **result, "seq_len": rows.seq_len, "data": described}
+        return {STEP: scored.step, **result, "seq_len": rows.seq_len, "data": described}
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from flax_gpt.model.family import flops_per_token
 from flax_gpt.model.loss import choose_kernel as loss_kernel_for
 from flax_gpt.sharding import mesh_shape
 from flax_gpt.train.inputs import ensure_shards, open_splits
+from flax_gpt.train.metric_keys import LOSS
 from flax_gpt.train.state import StateBuilder, total_steps
 from flax_gpt.train.trainer import Trainer
 
@@ -68,7 +69,7 @@ def measure_step(cfg: Config, *, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"compile_time_s": compile_time, "step_time_s": statistics.median(times),
-            "step_time_mean_s": statistics.fmean(times), "step_times_s": times, "loss": float(m["loss"])}
+            "step_time_mean_s": statistics.fmean(times), "step_times_s": times, "loss": float(m[LOSS])}
 
 
 def measure_loop(cfg: Config, *, steps: int) -> dict:

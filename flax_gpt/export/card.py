@@ -13,6 +13,7 @@ from typing import Any
 from flax_gpt.data.sources import source_fingerprint
 from flax_gpt.hub import is_hub_id
 from flax_gpt.model.family import family_of, param_count
+from flax_gpt.train.metric_keys import PERPLEXITY, STEP, VAL_LOSS
 from flax_gpt.train.metrics import read_metrics
 from flax_gpt.train.run_dir import run_manifest
 
@@ -42,7 +43,7 @@ def final_validation(run_dir: str | Path) -> dict | None:
         records = read_metrics(run_dir)
     except (OSError, ValueError):
         return None
-    evals = [r for r in records if "val_loss" in r]
+    evals = [r for r in records if VAL_LOSS in r]
     return evals[-1] if evals else None
 
 
@@ -130,10 +131,10 @@ def _results_section(run_dir, step: int, meta: dict) -> list[str]:
     final = final_validation(run_dir)
     if final is None:
         return lines + ["- Validation loss: not recorded", ""]
-    loss = float(final["val_loss"])
-    ppl = final.get("perplexity")
+    loss = float(final[VAL_LOSS])
+    ppl = final.get(PERPLEXITY)
     ppl = float(ppl) if isinstance(ppl, (int, float)) else (math.exp(loss) if loss < 700 else float("inf"))
-    return lines + [f"- Final validation loss: {loss:.4f} (at step {final.get('step', '?')})",
+    return lines + [f"- Final validation loss: {loss:.4f} (at step {final.get(STEP, '?')})",
                     f"- Validation perplexity: {ppl:.2f}", ""]
 
 

@@ -13,6 +13,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator, NullForm
 from wordcloud import STOPWORDS, WordCloud
 
 from flax_gpt.report.series import column, mean_mfu, mean_tokens_per_sec, warmup_step
+from flax_gpt.train.metric_keys import LOSS, LR, MFU, PERPLEXITY, STEP, TOKENS_PER_SEC, TOKENS_SEEN, VAL_LOSS
 
 DPI = 120
 MARKERS_UP_TO = 40  # draw point markers on series this short, so one or two points stay visible
@@ -76,8 +77,8 @@ def ema(y: np.ndarray, alpha: float) -> np.ndarray:
 def loss_figure(train: list[dict], evals: list[dict]) -> Figure:
     """Train and validation loss against the step, with the tokens seen on a second x-axis on top
     (one panel: tokens seen is the step times a fixed batch, so a by-tokens panel repeats the curve)."""
-    steps, loss = column(train, "loss")
-    vsteps, vloss = column(evals, "val_loss")
+    steps, loss = column(train, LOSS)
+    vsteps, vloss = column(evals, VAL_LOSS)
     fig, (ax,) = new_figure(width=8.0)
     long = len(loss) > 50
     plot_line(ax, steps, loss, "train loss (raw)" if long else "train loss", color="tab:blue",
@@ -98,7 +99,7 @@ def loss_figure(train: list[dict], evals: list[dict]) -> Figure:
 def tokens_per_step(train: list[dict]) -> float | None:
     """Tokens per step when `tokens_seen` is the step times one constant (it is, unless a run was
     resumed with another batch): then tokens seen can label the step axis. None otherwise."""
-    steps, seen = column(train, "tokens_seen")
+    steps, seen = column(train, TOKENS_SEEN)
     if not len(steps) or steps.min() <= 0:
         return None
     per = seen / steps
@@ -109,7 +110,7 @@ def perplexity_figure(evals: list[dict], last_step: int | None = None) -> Figure
     """Every evaluation of metrics.jsonl as a marker, joined in step order, over the whole run's steps
     (`last_step`), so a run evaluated twice shows where the two fell; up to ANNOTATE_UP_TO points
     carry their value, so a short series reads as exactly as a table."""
-    steps, ppl = column(evals, "perplexity")
+    steps, ppl = column(evals, PERPLEXITY)
     fig, (ax,) = new_figure()
     if len(steps):
         ax.plot(steps, ppl, color="tab:orange", marker="o", markersize=6, label="validation perplexity",
@@ -145,7 +146,7 @@ def plain_log_labels(ax) -> None:
 
 
 def lr_figure(train: list[dict]) -> Figure:
-    steps, lr = column(train, "lr")
+    steps, lr = column(train, LR)
     fig, (ax,) = new_figure()
     plot_line(ax, steps, lr, "learning rate", color="tab:green")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -156,9 +157,9 @@ def lr_figure(train: list[dict]) -> Figure:
 def throughput_figure(train: list[dict]) -> Figure:
     """tokens/s per logged step, the warm-up step apart, and the one mean (series.mean_tokens_per_sec)."""
     skip = warmup_step(train)
-    steps, tps = column([r for r in train if r["step"] != skip], "tokens_per_sec")
-    wsteps, wtps = column([r for r in train if r["step"] == skip], "tokens_per_sec")
-    msteps, mfu = column([r for r in train if r["step"] != skip], "mfu")
+    steps, tps = column([r for r in train if r[STEP] != skip], TOKENS_PER_SEC)
+    wsteps, wtps = column([r for r in train if r[STEP] == skip], TOKENS_PER_SEC)
+    msteps, mfu = column([r for r in train if r[STEP] != skip], MFU)
     fig, axes = new_figure(2 if len(msteps) else 1)
     plot_line(axes[0], steps, tps, "tokens/s (all devices)", color="tab:purple", markersize=6)
     if len(wsteps):  # shown, but hollow: it is not in the mean

@@ -38,6 +38,7 @@ from flax_gpt.report.plots import (
     slug,
 )
 from flax_gpt.report.series import MEAN_TPS_DEFINITION, mean_mfu, mean_tokens_per_sec, read_series
+from flax_gpt.train.metric_keys import LOSS, PERPLEXITY, STEP, TOKENS_SEEN, VAL_LOSS
 from flax_gpt.train.run_dir import find_shards, read_run_config
 
 DEFAULT_PROMPTS = ("the role of recommender systems", "clustering", "transformers for text generation")
@@ -68,13 +69,13 @@ def summarize(train: list[dict], evals: list[dict], run_dir: Path) -> dict:
     last_eval = evals[-1] if evals else {}
     ckpt = run_dir / "checkpoints"
     return {
-        "steps": int(train[-1]["step"]),
-        "tokens_seen": train[-1].get("tokens_seen"),
-        "final_train_loss": train[-1].get("loss"),
-        "last_eval_step": last_eval.get("step"),
-        "val_loss": last_eval.get("val_loss"),
-        "perplexity": last_eval.get("perplexity"),
-        "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+        "steps": int(train[-1][STEP]),
+        "tokens_seen": train[-1].get(TOKENS_SEEN),
+        "final_train_loss": train[-1].get(LOSS),
+        "last_eval_step": last_eval.get(STEP),
+        "val_loss": last_eval.get(VAL_LOSS),
+        "perplexity": last_eval.get(PERPLEXITY),
+        "best_val_loss": min((e[VAL_LOSS] for e in evals), default=None),
         "mean_tokens_per_sec": mean_tokens_per_sec(train),
         "mean_tokens_per_sec_definition": MEAN_TPS_DEFINITION,
         "mean_mfu": mean_mfu(train),
@@ -226,7 +227,7 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
     figures = [
         (plot_loss(out, train, evals), "Training loss (per step) and validation loss (markers) against optimizer "
                                        "steps; the top axis counts the training tokens seen."),
-        (plot_perplexity(out, evals, train[-1]["step"]),
+        (plot_perplexity(out, evals, train[-1][STEP]),
          f"Validation perplexity, exp(validation loss), on a log scale: each of the {len(evals)} evaluation(s) "
          "in metrics.jsonl is a marker, over the whole run's steps."),
         (plot_lr(out, train), "Learning rate applied at each step (the optimizer's schedule)."),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_gpt.errors import ConfigError
+from flax_gpt.train.metric_keys import LOSS, MFU, STEP, STEP_TIME_S, TOKENS_PER_SEC, VAL_LOSS
 from flax_gpt.train.metrics import METRICS_FILE, read_metrics
 
 MEAN_TPS_DEFINITION = ("tokens trained in the timed steps of metrics.jsonl ÷ their summed step time (total "
@@ -25,8 +26,8 @@ def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
         records = read_metrics(run_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    train = {int(r["step"]): r for r in records if "loss" in r}
-    evals = {int(r["step"]): r for r in records if "val_loss" in r}
+    train = {int(r[STEP]): r for r in records if LOSS in r}
+    evals = {int(r[STEP]): r for r in records if VAL_LOSS in r}
     if not train:
         raise ConfigError(f"{run_dir / METRICS_FILE} has no training records; train at least one step first")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
@@ -34,14 +35,14 @@ def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def column(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of the records that carry `key`; non-finite values become NaN (plot gaps)."""
-    rows = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    rows = [(r[STEP], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     steps = np.array([s for s, _ in rows], dtype=np.int64)
     values = np.array([v for _, v in rows], dtype=np.float64)
     return steps, np.where(np.isfinite(values), values, np.nan)
 
 
 def _is_timed(r: dict) -> bool:
-    t, tps = r.get("step_time_s"), r.get("tokens_per_sec")
+    t, tps = r.get(STEP_TIME_S), r.get(TOKENS_PER_SEC)
     return isinstance(t, (int, float)) and isinstance(tps, (int, float)) and math.isfinite(t * tps) and t > 0
 
 
@@ -49,27 +50,27 @@ def warmup_step(train: list[dict]) -> int | None:
     """The run's first timed step when metrics.jsonl shows it is one: the step right after the
     first (untimed, compiling) step. With `train.log_every` > 1 that step is not logged, and the
     first logged timed step is an ordinary one: None."""
-    timed = [r["step"] for r in train if _is_timed(r)]
+    timed = [r[STEP] for r in train if _is_timed(r)]
     if len(timed) < 2:  # a lone timed step is the only figure there is
         return None
-    return timed[0] if timed[0] == train[0]["step"] + 1 else None
+    return timed[0] if timed[0] == train[0][STEP] + 1 else None
 
 
 def mean_tokens_per_sec(train: list[dict]) -> float | None:
     """Mean training throughput over all devices, as MEAN_TPS_DEFINITION says; None when no step
     was timed. `tokens_per_sec * step_time_s` is the tokens of that step, so no config is needed."""
     skip = warmup_step(train)
-    timed = [r for r in train if _is_timed(r) and r["step"] != skip]
-    total_time = math.fsum(r["step_time_s"] for r in timed)
+    timed = [r for r in train if _is_timed(r) and r[STEP] != skip]
+    total_time = math.fsum(r[STEP_TIME_S] for r in timed)
     if total_time <= 0:
         return None
-    return math.fsum(r["tokens_per_sec"] * r["step_time_s"] for r in timed) / total_time
+    return math.fsum(r[TOKENS_PER_SEC] * r[STEP_TIME_S] for r in timed) / total_time
 
 
 def mean_mfu(train: list[dict]) -> float | None:
     """MFU at the mean throughput: MFU is proportional to tokens/s (same model, devices, peak), so
     the mean MFU follows from the one mean tokens/s rather than being a second kind of average."""
     tps = mean_tokens_per_sec(train)
-    ratio = next((r["mfu"] / r["tokens_per_sec"] for r in train if _is_timed(r) and
-                  isinstance(r.get("mfu"), (int, float)) and r["tokens_per_sec"] > 0), None)
+    ratio = next((r[MFU] / r[TOKENS_PER_SEC] for r in train if _is_timed(r) and
+                  isinstance(r.get(MFU), (int, float)) and r[TOKENS_PER_SEC] > 0), None)
     return None if tps is None or ratio is None else tps * ratio

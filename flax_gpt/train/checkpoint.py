@@ -28,6 +28,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from flax_gpt import storage
 from flax_gpt.errors import CheckpointError, StorageError
 from flax_gpt.process import progress
+from flax_gpt.train.metric_keys import VAL_LOSS
 from flax_gpt.train.run_lock import RunLock
 
 DAMAGED_DIR = "damaged_checkpoints"
@@ -55,7 +56,7 @@ class Checkpointer:
         keep_policies = [policies.LatestN(n=max(1, keep))]
         if keep_best:
             # BestN keeps the *last* n of an ascending sort; reverse=True makes that the lowest loss.
-            keep_policies.append(policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+            keep_policies.append(policies.BestN(get_metric_fn=lambda m: m[VAL_LOSS], reverse=True, n=1,
                                                 keep_checkpoints_without_metrics=False))
         self._options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep_policies),
@@ -65,7 +66,7 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed or ran out of space
             # Stored with each checkpoint (so `best` survives a restart); the preservation policy decides
             # what is kept.
-            best_fn=lambda m: m["val_loss"], best_mode="min",
+            best_fn=lambda m: m[VAL_LOSS], best_mode="min",
         )
         self._manager: ocp.CheckpointManager | None = None
         self._last_saved: int | None = None
@@ -104,7 +105,7 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The step with the lowest recorded validation loss; None when no checkpoint has one."""
-        scored = [(m["val_loss"], s) for s in self.steps() if (m := self.manager.metrics(s)) and "val_loss" in m]
+        scored = [(m[VAL_LOSS], s) for s in self.steps() if (m := self.manager.metrics(s)) and VAL_LOSS in m]
         return min(scored)[1] if scored else None
 
     def save(self, step: int, params, opt_state=None, rng=None, meta: dict | None = None,
@@ -117,7 +118,7 @@ class Checkpointer:
         if opt_state is not None:
             items["train"] = ocp.args.StandardSave({"opt_state": opt_state, **extra})
         items["meta"] = ocp.args.JsonSave({"step": int(step), **(meta or {})})
-        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        metrics = None if val_loss is None else {VAL_LOSS: float(val_loss)}
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         except (OSError, ValueError) as e:  # this save, or a previous async one, failed (TensorStore: ValueError)

@@ -17,6 +17,7 @@ from flax_gpt.data.loader import EvalLoader
 from flax_gpt.errors import DataError
 from flax_gpt.model.family import abstract_params, model
 from flax_gpt.sharding import batch_sharding, on_mesh, param_shardings, replicated
+from flax_gpt.train.metric_keys import EVAL_TOKENS, PERPLEXITY, VAL_LOSS
 from flax_gpt.train.step import eval_step
 
 
@@ -40,7 +41,7 @@ class Evaluator:
         return self._fns[eos_id]
 
     def evaluate(self, params, rows, *, progress: bool = False) -> dict:
-        """{"val_loss", "perplexity", "tokens"}; a DataError when `rows` hold no target token.
+        """{VAL_LOSS, PERPLEXITY, EVAL_TOKENS} (`metric_keys`); a DataError when `rows` hold no target token.
         `progress`: a bar over the batches on stderr (the `eval` verb; the training loop has its own)."""
         if rows.num_rows == 0:  # said before any progress bar opens
             raise self._no_tokens(rows)
@@ -56,7 +57,7 @@ class Evaluator:
         if tokens == 0:
             raise self._no_tokens(rows)
         val_loss = loss_sum / tokens
-        return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700.0)), "tokens": int(tokens)}
+        return {VAL_LOSS: val_loss, PERPLEXITY: math.exp(min(val_loss, 700.0)), EVAL_TOKENS: int(tokens)}
 
     @staticmethod
     def _no_tokens(rows) -> DataError:

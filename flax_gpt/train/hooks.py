@@ -18,6 +18,7 @@ import jax
 from flax_gpt import storage
 from flax_gpt.config import Config, profile_range
 from flax_gpt.train.evaluate import Evaluator
+from flax_gpt.train.metric_keys import PERPLEXITY, STEP, VAL_LOSS
 from flax_gpt.train.run_dir import publish_trace
 
 if TYPE_CHECKING:
@@ -90,14 +91,14 @@ class Evaluate(Hook):
 
     def run(self, step: int, loop: Loop) -> None:
         loop.flush()
-        loop.last_eval = {"step": step, **self.evaluator.evaluate(loop.state.params, self.val_rows)}
+        loop.last_eval = {STEP: step, **self.evaluator.evaluate(loop.state.params, self.val_rows)}
         loop.writer.write(loop.last_eval)
-        loop.bar.write(f"step {step}: val_loss {loop.last_eval['val_loss']:.4f}  "
-                       f"perplexity {loop.last_eval['perplexity']:.2f}")
+        loop.bar.write(f"step {step}: val_loss {loop.last_eval[VAL_LOSS]:.4f}  "
+                       f"perplexity {loop.last_eval[PERPLEXITY]:.2f}")
         loop.untime()  # the next step's time would include the evaluation
 
     def at_end(self, step: int, loop: Loop) -> None:
-        if self.final and (loop.last_eval is None or loop.last_eval["step"] != step):
+        if self.final and (loop.last_eval is None or loop.last_eval[STEP] != step):
             self.run(step, loop)
 
 

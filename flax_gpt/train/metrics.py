@@ -2,8 +2,9 @@
 
 On-disk layout (**contract**, read by the report and the tests):
 - `RUN_DIR/metrics.jsonl`: one JSON object per line, each with an integer `step`; train lines
-  carry e.g. `loss`, `lr`, `tokens_per_sec`; eval lines carry `val_loss`. Appended to, so a
-  resumed run continues the same file (a step may then appear twice; the later line wins).
+  carry e.g. `loss`, `lr`, `tokens_per_sec`; eval lines carry `val_loss` (every key, its meaning
+  and unit: `metric_keys`). Appended to, so a resumed run continues the same file (a step may then
+  appear twice; the later line wins).
 - `RUN_DIR/tb/`: TensorBoard event files, one scalar per numeric key at `step`, tagged
   `train/<key>`, or `eval/<key>` for lines that contain `val_loss`.
 - With `train.wandb_project` set, every metrics.jsonl record also goes to a Weights & Biases run
@@ -35,6 +36,15 @@ from flax_gpt import storage
 from flax_gpt.config import Config, TrainConfig
 from flax_gpt.errors import ConfigError
 from flax_gpt.model import flops
+from flax_gpt.train.metric_keys import (
+    MFU,
+    MODEL_FLOPS_PER_SEC_PER_DEVICE,
+    STEP,
+    STEP_TIME_S,
+    TOKENS_PER_SEC,
+    TOKENS_PER_SEC_PER_DEVICE,
+    VAL_LOSS,
+)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -79,7 +89,7 @@ class _WandbRun:
                               config=config.to_dict(), allow_val_change=True)
         # Our step is the x-axis, not W&B's own row counter: a run resumed from an earlier checkpoint
         # logs steps again (as metrics.jsonl does) instead of W&B dropping them as out of order.
-        self.run.define_metric("*", step_metric="step")
+        self.run.define_metric("*", step_metric=STEP)
 
     def log(self, line: dict[str, Any]) -> None:
         self.run.log(line)
@@ -144,22 +154,22 @@ class MetricsWriter:
         """Write one record (must contain `step`); values may be numpy or jax scalars."""
         if not self.enabled:
             return
-        if "step" not in record:
-            raise ValueError(f"metrics record has no 'step' (keys: {sorted(record)})")
+        if STEP not in record:
+            raise ValueError(f"metrics record has no {STEP!r} (keys: {sorted(record)})")
         if self._file is None:
             self._open()
         line = {k: _plain(k, v) for k, v in record.items()}
-        step = int(line["step"])
-        line["step"] = step
+        step = int(line[STEP])
+        line[STEP] = step
         # NaN/inf are written as Python's json writes them (NaN, Infinity): a diverged loss stays
         # visible, and read_metrics reads it back.
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         if self.on_record is not None:
             self.on_record(dict(line))
-        prefix = "eval" if "val_loss" in line else "train"
+        prefix = "eval" if VAL_LOSS in line else "train"
         for key, value in line.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key == STEP or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             self._tb.add_scalar(f"{prefix}/{key}", float(value), global_step=step)
         self._tb.flush()
@@ -311,9 +321,9 @@ class Throughput:
         tps = self.tokens_per_step * len(times) / total
         per_device = tps / self.n_devices
         return {
-            "step_time_s": total / len(times),
-            "tokens_per_sec": tps,
-            "tokens_per_sec_per_device": per_device,
-            "model_flops_per_sec_per_device": per_device * self.flops_per_token,
-            "mfu": flops.mfu(per_device, self.flops_per_token, self.device_kind),
+            STEP_TIME_S: total / len(times),
+            TOKENS_PER_SEC: tps,
+            TOKENS_PER_SEC_PER_DEVICE: per_device,
+            MODEL_FLOPS_PER_SEC_PER_DEVICE: per_device * self.flops_per_token,
+            MFU: flops.mfu(per_device, self.flops_per_token, self.device_kind),
         }

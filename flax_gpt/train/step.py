@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from flax_gpt.model.loss import cross_entropy_sums
+from flax_gpt.train.metric_keys import GRAD_NORM, LOSS, LR
 
 
 @flax.struct.dataclass
@@ -109,8 +110,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx: optax.Gr
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": count,
-               "finite": finite}
+    metrics = {LOSS: loss, GRAD_NORM: grad_norm, LR: schedule(state.step), "tokens": count, "finite": finite}
     return new_state, metrics
 
 

@@ -21,6 +21,7 @@ from flax_gpt.process import wait_interruptibly
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.hooks import build_hooks
+from flax_gpt.train.metric_keys import GRAD_NORM, LOSS, LR, STEP, TOKENS_PER_SEC, TOKENS_SEEN, VAL_LOSS
 from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput
 from flax_gpt.train.run_dir import commit_config
 from flax_gpt.train.state import StateBuilder
@@ -49,7 +50,7 @@ class Trainer:
         if start >= total_steps:
             ckpt.close()
             self.say(f"already trained to step {start} (train.steps={total_steps}); raise train.steps to go further")
-            return {"step": start, "already_trained": True}
+            return {STEP: start, "already_trained": True}
         loop = Loop(cfg, ckpt, state, start, total_steps, on_record=self.on_record)
         if val_rows is None or val_rows.num_rows == 0:
             val_rows = None
@@ -85,7 +86,7 @@ class Trainer:
                             loop.save(done)
                         ckpt.wait()
                         loop.bar.write(f"preempted: checkpoint {done} written; run the same command to resume")
-                        return {"step": done, "preempted": True}
+                        return {STEP: done, "preempted": True}
                 loop.flush()
             done = int(jax.device_get(loop.state.step))
             for hook in hooks:
@@ -96,7 +97,7 @@ class Trainer:
             for hook in hooks:
                 hook.close(loop)
             loop.close()
-        return {"step": done, **(loop.last_eval or {}), **loop.summary()}
+        return {STEP: done, **(loop.last_eval or {}), **loop.summary()}
 
 
 class Loop:
@@ -142,14 +143,14 @@ class Loop:
         if not bool(m["finite"]):
             steps = self.ckpt.steps()
             raise TrainError(
-                f"loss became non-finite at step {s + 1} (loss={float(m['loss'])}, grad_norm="
-                f"{float(m['grad_norm'])}); the update was skipped and nothing was saved; the latest "
+                f"loss became non-finite at step {s + 1} (loss={float(m[LOSS])}, grad_norm="
+                f"{float(m[GRAD_NORM])}); the update was skipped and nothing was saved; the latest "
                 f"checkpoint is {steps[-1] if steps else 'none'}; lower optim.learning_rate")
         if not self.committed:  # the first trained step: from now on the run directory is this run's
             commit_config(self.cfg)
             self.committed = True
-        rec = {"step": s + 1, "loss": float(m["loss"]), "lr": float(m["lr"]),
-               "grad_norm": float(m["grad_norm"]), "tokens_seen": (s + 1) * self.tokens_per_step}
+        rec = {STEP: s + 1, LOSS: float(m[LOSS]), LR: float(m[LR]), GRAD_NORM: float(m[GRAD_NORM]),
+               TOKENS_SEEN: (s + 1) * self.tokens_per_step}
         if self._t_prev is not None:  # the first fetched step includes compilation: not timed
             dt = now - self._t_prev
             self._step_times.append(dt)
@@ -158,7 +159,7 @@ class Loop:
         self._t_prev = now
         if (s + 1) % self.cfg.train.log_every == 0 or s + 1 == self.total_steps:
             self.writer.write(rec)
-        self.bar.update(s + 1, loss=rec["loss"], tokens_per_sec=rec.get("tokens_per_sec"))
+        self.bar.update(s + 1, loss=rec[LOSS], tokens_per_sec=rec.get(TOKENS_PER_SEC))
 
     def untime(self) -> None:
         """Leave the next step untimed: something other than training ran since the last one."""
@@ -166,7 +167,7 @@ class Loop:
 
     def save(self, step: int) -> None:
         """Checkpoint the state as step `step`, with the val_loss when `step` was just evaluated."""
-        val_loss = self.last_eval["val_loss"] if self.last_eval and self.last_eval["step"] == step else None
+        val_loss = self.last_eval[VAL_LOSS] if self.last_eval and self.last_eval[STEP] == step else None
         self.writer.sync()
         self.ckpt.save(step, self.state.params, self.state.opt_state, self.state.rng, meta=self.meta(step),
                        val_loss=val_loss)
