@@ -145,22 +145,29 @@ STOPPED = "what was already written is complete; rerun the same command to conti
 
 def _quiet_closed_loops(debug: bool) -> None:
     """Echoes of a failure our one line already names, reported through sys.unraisablehook as
-    tracebacks; dropped (shown with --debug):
+    tracebacks or as warnings; dropped (shown with --debug):
     - when a disk fills up during a checkpoint write, TensorStore still completes the other pending
       writes and reports each to Orbax's event loop, which has closed;
     - when one array of a damaged checkpoint does not read back, Orbax abandons the reads of the
-      others, and each abandoned read turns its closing into an error of its own, printed with the
-      whole TensorStore specification (~60 lines per array)."""
+      others: each read in flight turns its closing into an error of its own, and a read that had
+      failed too may be reported again once nobody waits for it ("Encountered error while reading
+      array index"), each printed with the whole TensorStore specification (~60 lines per array);
+      a read abandoned before it started is collected unstarted, which Python reports as a
+      RuntimeWarning ("coroutine ... was never awaited"). flax_gpt itself runs no coroutines."""
     def echo(u) -> bool:
         e = u.exc_value
         closed_loop = type(e) is RuntimeError and str(e) == "Event loop is closed"
         abandoned = inspect.iscoroutine(u.object) and isinstance(getattr(e, "__cause__", None), GeneratorExit)
-        return not debug and (closed_loop or abandoned)
+        failed_read = str(e).startswith(ORBAX_READ_ERROR)
+        return not debug and (closed_loop or abandoned or failed_read)
 
     default = sys.unraisablehook  # how TensorStore's callback threads and collected coroutines report them
     sys.unraisablehook = lambda u: None if echo(u) else default(u)
     if not debug:
         warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
+ORBAX_READ_ERROR = "Encountered error while reading array index"  # how Orbax words a failed array read
 
 
 def terminate(_signum, _frame):
