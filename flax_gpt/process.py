@@ -153,18 +153,29 @@ def _quiet_closed_loops(debug: bool) -> None:
       failed too may be reported again once nobody waits for it ("Encountered error while reading
       array index"), each printed with the whole TensorStore specification (~60 lines per array);
       a read abandoned before it started is collected unstarted, which Python reports as a
-      RuntimeWarning ("coroutine ... was never awaited"). flax_gpt itself runs no coroutines."""
+      RuntimeWarning ("coroutine ... was never awaited"), and a failed one nobody awaited is logged
+      by asyncio ("Future exception was never retrieved"). flax_gpt itself runs no coroutines."""
+    if debug:
+        return
+    # Bound now: a report can come while the interpreter shuts down, when module globals are gone.
+    iscoroutine, read_error = inspect.iscoroutine, ORBAX_READ_ERROR
+
     def echo(u) -> bool:
         e = u.exc_value
-        closed_loop = type(e) is RuntimeError and str(e) == "Event loop is closed"
-        abandoned = inspect.iscoroutine(u.object) and isinstance(getattr(e, "__cause__", None), GeneratorExit)
-        failed_read = str(e).startswith(ORBAX_READ_ERROR)
-        return not debug and (closed_loop or abandoned or failed_read)
+        return ((type(e) is RuntimeError and str(e) == "Event loop is closed")
+                or (iscoroutine(u.object) and isinstance(getattr(e, "__cause__", None), GeneratorExit))
+                or str(e).startswith(read_error))
 
     default = sys.unraisablehook  # how TensorStore's callback threads and collected coroutines report them
-    sys.unraisablehook = lambda u: None if echo(u) else default(u)
-    if not debug:
-        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+    def hook(u) -> None:
+        if not echo(u):
+            default(u)
+
+    sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    # asyncio logs a failed read that nobody awaits once it is collected
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
 
 
 ORBAX_READ_ERROR = "Encountered error while reading array index"  # how Orbax words a failed array read

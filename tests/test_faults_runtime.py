@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -163,6 +164,8 @@ def test_abandoned_reads_are_not_reported(monkeypatch, debug):
     shows them with --debug. Other reports still go through."""
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)  # the default hook prints them
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))  # restored after the test
     process._quiet_closed_loops(debug)
     read = _read_like_orbax()
     read.send(None)  # in flight: suspended at its await, as the other reads are when one fails
@@ -171,9 +174,20 @@ def test_abandoned_reads_are_not_reported(monkeypatch, debug):
     # a read that failed, reported again from a callback once nobody waits for it
     failed = Exception(f"{process.ORBAX_READ_ERROR}: (slice(0, 32, 1),). See full TensorStore details: ...")
     failed.__cause__ = ValueError("OUT_OF_RANGE: Error reading ...")
+    # at interpreter shutdown, when the module's globals are gone, the hook still knows its echoes
+    monkeypatch.setattr(process, "ORBAX_READ_ERROR", None)
+    monkeypatch.setattr(process, "inspect", None)
     sys.unraisablehook(SimpleNamespace(exc_value=failed, object=None))
     sys.unraisablehook(SimpleNamespace(exc_value=ValueError("another"), object=None))
     assert [type(u.exc_value).__name__ for u in reported] == (["Exception"] * 2 if debug else []) + ["ValueError"]
+    # asyncio's log line for a failed read nobody awaited
+    records = []
+    monkeypatch.setattr(asyncio_log, "callHandlers", records.append)  # what passes the filters
+    for message in ("Future exception was never retrieved\nfuture: <Future finished exception=ValueError()>",
+                    "Task exception was never retrieved", "Unclosed event loop"):
+        asyncio_log.error(message)
+    assert [r.getMessage().split("\n")[0] for r in records] == ([] if not debug else [
+        "Future exception was never retrieved", "Task exception was never retrieved"]) + ["Unclosed event loop"]
 
 
 @pytest.mark.parametrize("debug", [False, True])
