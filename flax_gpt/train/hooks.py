@@ -2,7 +2,7 @@
 hook with its own cadence. `build_hooks` makes the list a `Trainer` runs from the config, in the
 order they run after a step; a new periodic action is a class here and a line in `build_hooks`.
 
-A hook sees the run through the loop (`trainer.Loop`): its state, checkpointer, metrics writer,
+A hook sees the run through the loop (`loop.Loop`): its state, checkpointer, metrics writer,
 progress bar and last evaluation; `loop.flush()` checks the pending step's metrics first, so no
 step is evaluated, saved or traced whose loss was not checked.
 """
@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 
 from flax_gpt import storage
 from flax_gpt.config import Config, profile_range
 from flax_gpt.train.evaluate import Evaluator
+from flax_gpt.train.loop import Loop
 from flax_gpt.train.metric_keys import PERPLEXITY, STEP, VAL_LOSS
 from flax_gpt.train.run_dir import publish_trace
-
-if TYPE_CHECKING:
-    from flax_gpt.train.trainer import Loop
 
 
 class Hook:
