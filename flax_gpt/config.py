@@ -231,7 +231,7 @@ class ModelConfig(Section):
     dtype: str = setting("float32", "compute dtype; parameters, optimizer state, softmax and loss stay float32",
                          effect=RUN, choices=("float32", "bfloat16"), card="compute dtype")
     remat: str = setting("none", "what the backward pass recomputes (less memory, more FLOPs; README)", effect=RUN,
-                         choices=("none", "minimal", "full"), legacy={True: "full", False: "none"})
+                         choices=("none", "minimal", "save_attention", "full"), legacy={True: "full", False: "none"})
     attention: str = setting("auto", "attention kernel: auto (splash on TPU, cudnn on NVIDIA GPUs when they apply, "
                              "else xla), xla, cudnn or splash", effect=RUN, choices=("auto", "xla", "cudnn", "splash"))
     pad_vocab_to: int = setting(0, "pad the embedding's vocab rows to a multiple of this (0 = off); never exported",

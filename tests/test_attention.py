@@ -212,7 +212,8 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
         from flax_gpt.config_files import load_config
         from flax_gpt.train.state import StateBuilder
         cfg = load_config("configs/tiny.yaml", ["model.attn_pdrop=0", "model.dtype=bfloat16", "data.seq_len=256",
-                                                "model.n_positions=256", "data.document_mask=true"])
+                                                "model.n_positions=256", "data.document_mask=true",
+                                                "model.remat=save_attention"])
         _, _, devices = topology_devices("v5e:2x2")
         b = StateBuilder(cfg, 10, devices=devices)
         lowered = b.step_fn.lower(b.abstract, b.abstract_batch())
@@ -225,8 +226,10 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
         copies = [sorted(map(int, d.split(","))) for d in re.findall(r"= \\w+\\[([\\d,]+)\\]\\S* copy\\(", entry)]
         m = cfg.model
         qkv = sorted([cfg.train.batch_size // len(devices), m.n_head, cfg.data.seq_len, m.n_embd // m.n_head])
+        forward_calls = len(re.findall(r"%splash_mha_fwd\\w* = ", re.sub(r"\\.\\d+ = ", " = ", compiled)))
         print(json.dumps({"mosaic": text.count("tpu_custom_call"), "kernels": kernels, "attention": cfg.model.attention,
-                          "qkv_copies": sum(c == qkv for c in copies), "copies": len(copies)}))
+                          "qkv_copies": sum(c == qkv for c in copies), "copies": len(copies),
+                          "forward_calls": forward_calls, "layers": m.n_layer}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
     env.update(JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=LIBTPU)
@@ -239,6 +242,9 @@ def test_the_train_step_with_auto_attention_compiles_splash_for_a_tpu_slice():
     assert res["attention"] == "auto" and res["mosaic"] >= 3, res
     assert res["kernels"] == ["splash_mha_dkv_segmented_no_residuals", "splash_mha_dq_segmented_no_residuals",
                               "splash_mha_fwd_segmented_residuals"], res
+    # model.remat=save_attention keeps the forward kernel's output and statistics for the backward
+    # pass: the compiled step runs it once per layer (full remat: twice, the block recomputed whole)
+    assert res["forward_calls"] == res["layers"], res
     # q, k, v and the output reach and leave the kernel in its head-major layout: not one
     # activation of theirs is copied between layouts (before the head-major projections: 4+ per layer)
     assert res["copies"] > 0 and res["qkv_copies"] == 0, res

@@ -286,7 +286,7 @@ def test_not_fitting_suggests_only_what_the_config_does_not_do_yet():
     hbm = {"params": GiB, "opt_state": 2 * GiB, "temp": 30 * GiB, "total": 33 * GiB}
     base = {"fits": False, "hbm_per_device_bytes": hbm, "hbm_capacity_bytes": 16 * GiB, "topology": "v5e-8"}
     line = fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": "none"})
-    assert "17.00 GiB over" in line and "mesh.fsdp" in line and "model.remat=minimal" in line
+    assert "17.00 GiB over" in line and "mesh.fsdp" in line and "model.remat=save_attention" in line
     assert "model.remat=full" in fit_problem({**base, "mesh": {"data": 8, "fsdp": 1, "tensor": 1}, "remat": "minimal"})
     line = fit_problem({**base, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": "full"})
     assert "mesh.fsdp" not in line and "model.remat" not in line and "--find-max-batch" in line

@@ -7,6 +7,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -82,7 +83,37 @@ def test_a_run_saved_with_remat_false_resumes_with_any_policy(tmp_path):
 
 
 def test_an_unknown_policy_names_the_choices():
-    with pytest.raises(ConfigError, match="none, minimal, full"):
+    with pytest.raises(ConfigError, match="none, minimal, save_attention, full"):
         config_from_yaml("model:\n  remat: everything\n", "test")
-    with pytest.raises(ConfigError, match="none, minimal, full"):
+    with pytest.raises(ConfigError, match="none, minimal, save_attention, full"):
         load_config(None, ["model.remat=2"])
+
+
+def test_save_attention_keeps_the_splash_output_so_the_recomputed_block_skips_its_forward():
+    """save_attention keeps what splash names (its output and softmax statistics, the logsumexp),
+    so the backward pass never reruns the kernel's forward; full keeps only the inputs. Both give
+    the gradients of no remat: the same float32 operations, the kernel's forward run again or not
+    (here in Pallas' interpreter; the compiled TPU step's kernel count is in test_attention.py)."""
+    from flax_gpt.model.attention import splash_heads_major
+    from flax_gpt.model.gpt2 import REMAT_POLICIES
+
+    b, h, t, k = 1, 2, 128, 64  # splash's smallest block is 128 tokens
+    q, kk, v, w = (jax.random.normal(jax.random.key(i), (b, h, t, k)) for i in range(4))
+
+    def loss(policy):
+        def block(q, kk, v):
+            return splash_heads_major(jnp.tanh(q), kk, v, interpret=True) * 2.0
+        f = block if policy == "none" else jax.checkpoint(block, policy=REMAT_POLICIES[policy])
+        return lambda q, kk, v: jnp.sum(f(q, kk, v) * w)
+
+    kept = {p: [(tuple(a.shape), how) for a, how in saved_residuals(loss(p), q, kk, v)] for p in ("save_attention",
+                                                                                                    "full")}
+    # what each keeps beyond its arguments and constants (the kernel's mask tables, w)
+    computed = {p: [s for s, how in kept[p] if "argument" not in how and "constant" not in how] for p in kept}
+    assert sorted(computed["save_attention"]) == [(b, h, t), (b, h, t, k)], kept  # logsumexp, output
+    assert computed["full"] == [], kept
+    want = jax.grad(loss("none"), argnums=(0, 1, 2))(q, kk, v)
+    for policy in ("save_attention", "full"):
+        got = jax.grad(loss(policy), argnums=(0, 1, 2))(q, kk, v)
+        for a, c in zip(got, want):
+            np.testing.assert_array_equal(a, c)

@@ -277,7 +277,8 @@ def fit_problem(result: dict) -> str | None:
            f"the largest batch that fits is {best}" if best else "no batch fits with this mesh")
     more = ([] if result["mesh"]["data"] == 1 else ["shard them over mesh.fsdp (e.g. mesh.fsdp=-1 mesh.data=1)"]) + \
         ([] if result.get("remat") == "full" else
-         [f"set model.remat={'full' if result.get('remat') == 'minimal' else 'minimal (or full: least memory)'}"])
+         ["set model.remat=full"] if result.get("remat") in ("minimal", "save_attention") else
+         ["set model.remat=save_attention (or full: least memory)"])
     return (f"does not fit: {need / GiB:.2f} GiB per device needed, {cap / GiB:.2f} GiB available on "
             f"{result['topology']} ({(need - cap) / GiB:.2f} GiB over; parameters + optimizer state "
             f"{fixed / GiB:.2f} GiB); {tip}" + "".join(f"; or {m}" for m in more))

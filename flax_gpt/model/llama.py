@@ -37,11 +37,13 @@ from flax_gpt.model.gpt2 import (  # shared layers
     MLP,
     NORM,
     QKV,
+    REMAT_POLICIES,
     VOCAB,
     _dtype,
     _matmul,
     _param,
     attention_mask,
+    embed_rows,
     mask_padded_vocab,
     transpose_kernels,
 )
@@ -238,10 +240,6 @@ class Block(nn.Module):
         return x, new_cache
 
 
-# model.remat, as GPT2: minimal keeps the weight matmuls' outputs, full only each block's input.
-REMAT_POLICIES = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
-
-
 class Llama(nn.Module):
     """LlamaForCausalLM. Returns float32 logits over the (possibly padded) vocab; padded ids are masked.
 
@@ -271,7 +269,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(start + jnp.arange(T)[None], (B, T))
         dtype = _dtype(cfg.dtype)
         rope = tuple(t.astype(dtype) for t in rope_tables(positions, cfg.head_size, cfg.rope_theta))
-        x = constrain(self.embed_tokens(tokens), "residual")
+        x = constrain(embed_rows(self.embed_tokens.embedding, tokens, dtype), "residual")
         mask = None if cache is None else attention_mask(T, segment_ids, kv_valid, cache_index,
                                                          cache[0]["v"].shape[2])
         new_cache = []
