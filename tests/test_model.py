@@ -143,3 +143,30 @@ def test_parameters_carry_logical_axes():
     specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     names = {a for s in specs for a in s}
     assert names <= {r[0] for r in RULES} and {"vocab", "embed", "mlp", "qkv"} <= names
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_rows_is_nn_embed_bit_for_bit_forward_and_backward(dtype):
+    """embed_rows (rows gathered, then cast) computes what nn.Embed(dtype=...) computes (table
+    cast, then gathered), and its gradient is the one autodiff gives nn.Embed, repeated ids
+    included: the rows' cotangents added into a table of the compute dtype, then cast."""
+    import flax.linen as nn
+
+    from flax_gpt.model.gpt2 import embed_rows
+
+    table = jax.random.normal(jax.random.key(0), (50, 16), jnp.float32)
+    ids = jnp.asarray([[3, 7, 3, 49], [0, 3, 7, 7]], jnp.int32)
+    w = jax.random.normal(jax.random.key(1), (2, 4, 16), jnp.float32).astype(dtype)
+    embed = nn.Embed(50, 16, dtype=dtype)
+
+    def plain(t):
+        return jnp.sum((embed.apply({"params": {"embedding": t}}, ids) * w).astype(jnp.float32))
+
+    def ours(t):
+        return jnp.sum((embed_rows(t, ids, dtype) * w).astype(jnp.float32))
+
+    want, want_g = jax.value_and_grad(plain)(table)
+    got, got_g = jax.value_and_grad(ours)(table)
+    assert embed_rows(table, ids, dtype).dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_g, want_g)
