@@ -116,7 +116,7 @@ from flax_gpt.model.loss import cross_entropy_sums
 from flax_gpt.sharding import AXES, on_mesh
 _, _, (dev, *_) = topology_devices(TOPOLOGY)
 mesh = Mesh(np.array([dev]).reshape(1, 1, 1), AXES)  # traced for the TPU, as the train step is
-B, T, D, V = 2, 1024, 768, 50304
+T, D, V = 1024, 768, 50304
 s = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P()))
 f = jax.value_and_grad(lambda h, e, t, w: cross_entropy_sums(h, e, t, w, vocab_size=50257)[0], argnums=(0, 1))
 c = jax.jit(on_mesh(f, mesh)).lower(s((B, T, D), jnp.bfloat16), s((V, D), jnp.float32), s((B, T), jnp.int32),
@@ -129,6 +129,15 @@ print(json.dumps({"flops": ca["flops"], "bytes": ca["bytes accessed"], "mosaic":
 """
 
 
+def _compile_loss(topology: str, batch: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+    env.update(JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=LIBTPU)
+    script = f"TOPOLOGY, B = {topology!r}, {batch}\n" + textwrap.dedent(COMPILE)
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(LIBTPU), reason="FLAX_GPT_TEST_LIBTPU (a libtpu.so) not set")
 @pytest.mark.parametrize("topology", ["v5e-1", "v4-8"])
@@ -137,12 +146,7 @@ def test_xla_tpu_compiles_the_kernels_and_counts_their_work(topology):
     the three kernels compile; XLA's cost analysis takes their estimates (all 10 N V D FLOPs of the
     forward and the two recomputing backward kernels), so none is left for the roofline to add; no
     (N, V) buffer is planned."""
-    env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
-    env.update(JAX_PLATFORMS="cpu", TPU_LIBRARY_PATH=LIBTPU)
-    script = f"TOPOLOGY = {topology!r}\n" + textwrap.dedent(COMPILE)
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = _compile_loss(topology, 2)
     N, D, V = 2 * 1024, 768, 50304
     assert res["mosaic"] == 3 and res["kernel_calls"] == 0 and res["kernels"] == 0, res  # each has its estimate
     assert res["flops"] >= 10 * N * V * D, res
