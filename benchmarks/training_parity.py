@@ -269,9 +269,9 @@ def flax_params_hf(run_dir: Path, step) -> dict:
     import jax
 
     from flax_gpt.model.hf import to_hf_state_dict
-    from flax_gpt.train.state import load_params
+    from flax_gpt.train.run_dir import RunDir
 
-    cfg, params, _, _ = load_params(run_dir, step)
+    cfg, params, _, _ = RunDir(run_dir).load_params(step)
     return to_hf_state_dict(jax.device_get(params), cfg.model)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from flax_gpt import pipeline, storage
+from flax_gpt import pipeline
 from flax_gpt.config import Config
 from flax_gpt.config_files import build_config, load_config
 from flax_gpt.data.prepare import prepare_shards
@@ -40,7 +40,7 @@ from flax_gpt.generate import LoadedModel, load_model
 from flax_gpt.report.plots import corpus_figure, loss_figure, lr_figure, perplexity_figure, throughput_figure
 from flax_gpt.report.series import read_series
 from flax_gpt.train.metric_keys import STEP
-from flax_gpt.train.run_dir import read_run_config, run_manifest
+from flax_gpt.train.run_dir import RunDir
 
 ConfigLike = Config | str | Path | None
 
@@ -140,11 +140,11 @@ class LM:
         or in Jupyter after `%matplotlib inline`, a cell whose value is a figure shows it."""
         if self.run_dir is None:
             raise ConfigError("plots() draws a run's metrics; load the run with LM.from_run(RUN_DIR)")
-        run = storage.location(self.run_dir)
+        run = RunDir(self.run_dir)
         train, evals = read_series(run)
         figures = {"loss": loss_figure(train, evals), "perplexity": perplexity_figure(evals, train[-1][STEP]),
                    "learning_rate": lr_figure(train), "throughput": throughput_figure(train)}
-        manifest = run_manifest(run, read_run_config(run))
+        manifest = run.manifest(run.config())
         if manifest is not None:
             figures["corpus_lengths"] = corpus_figure(manifest)
         return figures

@@ -21,7 +21,7 @@ Decoding reads the weights in the layout a matrix-vector product reads fastest (
 the family's `hidden` with `transposed_kernels=True` and the family's decode cache.
 
 Sharded parameters: nothing here names a mesh. Pass parameters placed on any mesh (e.g. from
-`train.state.load_params`) and jit derives the computation's shardings from its inputs.
+`RunDir.load_params`) and jit derives the computation's shardings from its inputs.
 `load_model` loads what the sampler needs from a run directory or an HF folder.
 """
 
@@ -44,7 +44,7 @@ from flax_gpt.errors import ConfigError
 from flax_gpt.model.family import family_of, load_hf, model
 from flax_gpt.model.hf import resolve_source
 from flax_gpt.presets import GPT2_EOS_ID, GPT2_VOCAB_SIZE
-from flax_gpt.train.state import load_params
+from flax_gpt.train.run_dir import RunDir
 
 MIN_PROMPT_BUCKET = 16
 
@@ -319,6 +319,6 @@ def load_model(*, run_dir: str | Path | None = None, hf: str | None = None, step
         folder = resolve_source(str(hf))
         cfg, params = load_hf(str(folder), dtype=dtype)
         return LoadedModel(jax.device_put(params), cfg, folder_tokenizer(folder, cfg.vocab_size), folder=folder)
-    run_cfg, params, chosen, _ = load_params(run_dir, step)
+    run_cfg, params, chosen, _ = RunDir(run_dir).load_params(step)
     cfg = dataclasses.replace(run_cfg.model, remat="none")
     return LoadedModel(params, cfg, load_tokenizer(run_cfg.data.tokenizer), run_dir=run_dir, step=chosen)

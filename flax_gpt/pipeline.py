@@ -28,13 +28,12 @@ from flax_gpt.generate import LoadedModel, folder_tokenizer, load_model
 from flax_gpt.model.family import load_hf
 from flax_gpt.model.hf import read_hf_folder, resolve_source
 from flax_gpt.sharding import make_mesh
-from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.inputs import ensure_shards, open_splits
 from flax_gpt.train.metric_keys import STEP
-from flax_gpt.train.run_dir import check_run_dir, commit_config, read_run_config
+from flax_gpt.train.run_dir import RunDir
 from flax_gpt.train.run_lock import check_free
-from flax_gpt.train.state import StateBuilder, load_params, total_steps
+from flax_gpt.train.state import StateBuilder, total_steps
 from flax_gpt.train.trainer import Trainer
 
 
@@ -43,20 +42,21 @@ def check_outputs(cfg: Config, *, overwrite_export: bool = False) -> bool:
 
     The end of training replaces `train.export_dir` only when it is new, empty or this run's own
     export; another run's export is replaced only with `overwrite_export` (`train --overwrite`)."""
-    resuming = check_run_dir(cfg)
-    run, shards = storage.location(cfg.train.run_dir), storage.location(cfg.data.shards_dir)
-    if shards == run or run / "checkpoints" in (shards, *shards.parents):
+    run = RunDir(cfg.train.run_dir)
+    resuming = run.check(cfg)
+    shards = storage.location(cfg.data.shards_dir)
+    if shards == run.path or run.checkpoints in (shards, *shards.parents):
         raise OutputError(f"data.shards_dir={cfg.data.shards_dir} is the run directory or inside its "
                           "checkpoints; choose a folder of its own")
     if cfg.train.export_dir:
         out = storage.location(cfg.train.export_dir)
-        for name, other in (("train.run_dir", run), ("data.shards_dir", shards)):
+        for name, other in (("train.run_dir", run.path), ("data.shards_dir", shards)):
             if out == other or other in out.parents or out in other.parents:
                 raise OutputError(f"train.export_dir={cfg.train.export_dir} overlaps {name}={other}; "
                                   "export to a folder of its own, e.g. exports/<name>")
         if storage.check_output(out, "export", reuse=True) and not overwrite_export:
             origin = storage.marker_of(out).get("origin")
-            if origin != str(run):
+            if origin != str(run.path):
                 raise OutputError(f"train.export_dir={cfg.train.export_dir} already holds an export of "
                                   f"{origin or 'another run'}; pass --overwrite to replace it when training "
                                   "ends, or set train.export_dir to a new folder")
@@ -108,11 +108,11 @@ def trained_model(cfg: Config, final: tuple[int, dict, dict] | None) -> LoadedMo
 
 
 def _trained(cfg: Config, final: tuple[int, dict, dict] | None) -> tuple[Config, dict, int, dict]:
-    """(config, params on the host, step, meta) of the trained model, as `load_params` returns a
+    """(config, params on the host, step, meta) of the trained model, as `RunDir.load_params` returns a
     checkpoint's: the last step's parameters from memory (every process gathers them, a
     collective), or the latest checkpoint when this call trained no step."""
     if final is None:
-        cfg, params, step, meta = load_params(cfg.train.run_dir)
+        cfg, params, step, meta = RunDir(cfg.train.run_dir).load_params()
         return cfg, jax.device_get(params), step, meta
     step, params, meta = final
     if jax.process_count() == 1:
@@ -188,8 +188,7 @@ def _hf_scored(hf: str, step, data, shards: bool, seq_len: int | None, batch_siz
 
 
 def _run_scored(run_dir, step, mesh, data, shards: bool, seq_len: int | None) -> _Scored:
-    cfg = read_run_config(run_dir)
-    _, params, chosen, _ = load_params(run_dir, step, mesh=mesh)
+    cfg, params, chosen, _ = RunDir(run_dir).load_params(step, mesh=mesh)
     if data is None and seq_len not in (None, cfg.data.seq_len):
         raise ConfigError(f"--seq-len {seq_len} does not apply to the run's own validation split (rows of "
                           f"data.seq_len={cfg.data.seq_len}); pass --data to score other text at another length")
@@ -233,13 +232,14 @@ def import_hf(src: str, run_dir: str | Path, *, base: Config | None = None) -> t
     storage.clean_temp_siblings(run_dir)  # what an import killed earlier left
     tmp = storage.staging_folder(run_dir)
     try:
-        ckpt = Checkpointer(tmp, async_save=False)
+        staged = RunDir(tmp)
+        ckpt = staged.checkpointer(async_save=False)
         try:
             ckpt.save(0, params, meta={"source": src})
             ckpt.wait()
         finally:
             ckpt.close()
-        commit_config(cfg, folder=tmp)
+        staged.commit_config(cfg)
         _check_import_target(run_dir)  # still ours to fill: nothing was put there meanwhile
         storage.publish_folder(tmp, run_dir)
     finally:

@@ -122,6 +122,11 @@ def param_shardings(mesh: Mesh, boxed_abstract_params) -> dict:
     return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
+def abstract_on(tree, shardings):
+    """`tree`'s arrays as ShapeDtypeStructs carrying `shardings`: a restore or compile target."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
 def check_divisible(abstract_params, shardings) -> None:
     """Every sharded dimension must split evenly over its mesh axes: fail before compiling."""
     flat_p = jax.tree_util.tree_flatten_with_path(abstract_params)[0]

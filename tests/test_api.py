@@ -24,8 +24,7 @@ from flax_gpt.errors import ConfigError, DataError
 from flax_gpt.report.plots import save
 from flax_gpt.report.report import write_report
 from flax_gpt.storage import MARKER
-from flax_gpt.train.metrics import read_metrics
-from flax_gpt.train.run_dir import read_run_config
+from flax_gpt.train.run_dir import RunDir
 
 CONFIG = ROOT / "configs" / "tiny.yaml"
 STEPS = ("train.steps=4", "train.eval_every=2", "checkpoint.every=2")  # conftest's trained_run, via the CLI
@@ -59,7 +58,7 @@ def exported(flow):
 def test_config_is_the_one_the_cli_resolves(flow, capsys):
     assert cli.main(["config", str(CONFIG), *flow.overrides]) == 0
     assert capsys.readouterr().out == config_yaml(flow.cfg)
-    assert read_run_config(flow.cfg.train.run_dir) == flow.cfg  # the run saved the API's config
+    assert RunDir(flow.cfg.train.run_dir).config() == flow.cfg  # the run saved the API's config
     # A Config object takes overrides as a YAML path does.
     assert api.config(api.config(CONFIG), *flow.overrides) == flow.cfg
     assert api.config(flow.cfg, "train.steps=9").train.steps == 9 != flow.cfg.train.steps
@@ -76,7 +75,7 @@ def test_prepare_returns_the_manifest_and_refuses_other_inputs(flow):
 
 
 def test_train_streams_each_metrics_record_as_written(flow):
-    assert flow.records == read_metrics(flow.cfg.train.run_dir)
+    assert flow.records == RunDir(flow.cfg.train.run_dir).metrics()
     assert [r["step"] for r in flow.records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in flow.records if "val_loss" in r] == [2, 4]
     assert flow.lm.result["step"] == flow.lm.step == 4
@@ -85,7 +84,7 @@ def test_train_streams_each_metrics_record_as_written(flow):
 
 def test_api_run_is_the_cli_run(flow, trained_run):
     """The same config through `api.train` and `flax-gpt train` computes the same run."""
-    assert computed(flow.records) == computed(read_metrics(trained_run / "run"))
+    assert computed(flow.records) == computed(RunDir(trained_run / "run").metrics())
 
 
 def test_interrupting_train_checkpoints_and_the_same_call_resumes(flow, tmp_path):
@@ -111,9 +110,6 @@ def test_the_end_of_training_exports_and_samples_the_parameters_in_memory(flow, 
     """train's export, samples and returned model use the trained parameters where they are, in
     memory: with every checkpoint reader broken they still come out, and they are what the last
     checkpoint holds (the export byte for byte `export` of it, the samples the same text)."""
-    from flax_gpt import generate, pipeline
-    from flax_gpt.export import hf_folder
-
     cfg = api.config(flow.cfg, f"train.run_dir={tmp_path / 'run'}", f"train.export_dir={tmp_path / 'exp'}",
                      "train.sample_prompts=[clustering]")
 
@@ -121,8 +117,7 @@ def test_the_end_of_training_exports_and_samples_the_parameters_in_memory(flow, 
         raise AssertionError("a checkpoint was read back")
 
     with monkeypatch.context() as m:
-        for module in (pipeline, hf_folder, generate):
-            m.setattr(module, "load_params", unread)
+        m.setattr(RunDir, "load_params", unread)
         capsys.readouterr()
         lm = api.train(cfg)
         printed = capsys.readouterr().out

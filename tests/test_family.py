@@ -21,7 +21,7 @@ from flax_gpt.config_files import load_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.generate import generate_tokens
 from flax_gpt.model.family import FAMILIES, load_hf, model
-from flax_gpt.train.state import load_params
+from flax_gpt.train.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -70,7 +70,7 @@ def test_family_fields_are_checked(overrides, message):
 
 def test_a_llama_run_trains_through_the_cli(llama_run):
     run, _ = llama_run
-    cfg, params, step, _ = load_params(run)
+    cfg, params, step, _ = RunDir(run).load_params()
     assert (cfg.model.family, step) == ("llama", 4)
     assert "lm_head" in params and "embed_tokens" in params  # the untied Llama layout, not GPT-2's
 
@@ -79,7 +79,7 @@ def test_the_export_loads_in_transformers_with_our_logits(llama_run):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     run, out = llama_run
-    cfg, params, _, _ = load_params(run)
+    cfg, params, _, _ = RunDir(run).load_params()
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 24)).astype(np.int32)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_greedy_generation_matches_transformers(llama_run):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     run, out = llama_run
-    cfg, params, _, _ = load_params(run)
+    cfg, params, _, _ = RunDir(run).load_params()
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, cfg.model.vocab_size, n).tolist() for n in (3, 11)]

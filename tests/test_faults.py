@@ -450,9 +450,9 @@ def test_enospc_from_the_writer_is_one_storage_error(tmp_path, monkeypatch):
     import jax.numpy as jnp
 
     from flax_gpt.errors import StorageError
-    from flax_gpt.train.checkpoint import Checkpointer
+    from flax_gpt.train.run_dir import RunDir
 
-    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt = RunDir(tmp_path).checkpointer(async_save=False)
     ckpt.save(1, {"w": jnp.ones(4)})
     ckpt.wait()
 
@@ -465,4 +465,4 @@ def test_enospc_from_the_writer_is_one_storage_error(tmp_path, monkeypatch):
         ckpt.save(2, {"w": jnp.ones(4)})
     monkeypatch.undo()
     ckpt.close()
-    assert Checkpointer(tmp_path, read_only=True).steps() == [1]
+    assert RunDir(tmp_path).checkpointer(read_only=True).steps() == [1]

@@ -14,7 +14,8 @@ import pytest
 from flax_gpt.config import ModelConfig
 from flax_gpt.model.flops import flops_per_token, mfu, param_count, peak_flops
 from flax_gpt.presets import MODEL_PRESETS
-from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput, read_metrics
+from flax_gpt.train.metrics import ProgressBar, Throughput
+from flax_gpt.train.run_dir import RunDir
 
 
 def _preset(name: str, **changes) -> ModelConfig:
@@ -153,15 +154,15 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
         {"step": 2, "loss": np.float32(3.0), "lr": np.float32(4.5e-4), "tokens_per_sec": 1300},
         {"step": 2, "val_loss": np.float64(3.125), "val_ppl": 22.76},
     ]
-    with MetricsWriter(tmp_path, enabled=True) as w:
+    with RunDir(tmp_path).metrics_writer(enabled=True) as w:
         for r in records:
             w.write(r)
         # flushed per write: readable before close
-        assert len(read_metrics(tmp_path)) == 3
+        assert len(RunDir(tmp_path).metrics()) == 3
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln) for ln in lines] == read_metrics(tmp_path)
-    got = read_metrics(tmp_path)
+    assert [json.loads(ln) for ln in lines] == RunDir(tmp_path).metrics()
+    got = RunDir(tmp_path).metrics()
     assert got == [
         {"step": 1, "loss": 3.25, "lr": 5e-4, "tokens_per_sec": 1234.5},
         {"step": 2, "loss": 3.0, "lr": float(np.float32(4.5e-4)), "tokens_per_sec": 1300},
@@ -181,30 +182,30 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
 
 
 def test_metrics_writer_appends_on_resume(tmp_path):
-    with MetricsWriter(tmp_path, enabled=True) as w:
+    with RunDir(tmp_path).metrics_writer(enabled=True) as w:
         w.write({"step": 1, "loss": 2.0})
-    with MetricsWriter(tmp_path, enabled=True) as w:
+    with RunDir(tmp_path).metrics_writer(enabled=True) as w:
         w.write({"step": 2, "loss": 1.5})
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert [r["step"] for r in RunDir(tmp_path).metrics()] == [1, 2]
 
 
 def test_metrics_writer_requires_step(tmp_path):
-    with MetricsWriter(tmp_path, enabled=True) as w, pytest.raises(ValueError, match="step"):
+    with RunDir(tmp_path).metrics_writer(enabled=True) as w, pytest.raises(ValueError, match="step"):
         w.write({"loss": 1.0})
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    w = MetricsWriter(run_dir, enabled=False)
+    w = RunDir(run_dir).metrics_writer(enabled=False)
     w.write({"step": 1, "loss": 2.0})
     w.close()
     assert not run_dir.exists()
-    assert read_metrics(run_dir) == []
+    assert RunDir(run_dir).metrics() == []
 
 
-def test_read_metrics_skips_line_cut_short_by_crash(tmp_path):
+def test_metrics_skips_line_cut_short_by_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    assert RunDir(tmp_path).metrics() == [{"step": 1, "loss": 2.0}]
 
 
 def test_progress_bar_shows_loss_and_throughput_in_a_pipe():

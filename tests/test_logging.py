@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from flax_gpt import cli
 from flax_gpt.config_files import build_config
-from flax_gpt.train.metrics import WANDB_ID_FILE, MetricsWriter, read_metrics
+from flax_gpt.train.metrics import WANDB_ID_FILE
+from flax_gpt.train.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBTPU = os.environ.get("FLAX_GPT_TEST_LIBTPU", "")
@@ -30,7 +31,7 @@ F32_REL = 2.0**-24
 def _expected_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """metrics.jsonl as TensorBoard tags: train/<key>, or eval/<key> for lines with val_loss."""
     want: dict[str, dict[int, float]] = {}
-    for rec in read_metrics(run_dir):
+    for rec in RunDir(run_dir).metrics():
         prefix = "eval" if "val_loss" in rec else "train"
         for key, value in rec.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -138,7 +139,7 @@ def test_wandb_gets_the_metrics_jsonl_records_and_the_config(trained_run, tmp_pa
     r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     (run,) = _offline_runs(wandb_dir, 1)
-    records = read_metrics(run_dir)
+    records = RunDir(run_dir).metrics()
     assert [rec["step"] for rec in records if "val_loss" in rec] == [2, 3]  # train and eval lines both
     assert run["history"] == records  # the same records: keys, values and steps
     assert run["config"] == yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -151,15 +152,15 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = build_config({}, [f"train.run_dir={run_dir}", "train.wandb_project=p"])
     for first, last in ((1, 2), (3, 4)):  # a run, then its resumption
-        with MetricsWriter(run_dir, enabled=True, config=cfg) as w:
+        with RunDir(run_dir).metrics_writer(enabled=True, config=cfg) as w:
             for step in range(first, last + 1):
                 w.write({"step": step, "loss": 1.0 / step})
     a, b = _offline_runs(wandb_dir, 2)
     assert a["id"] == b["id"] == (run_dir / WANDB_ID_FILE).read_text().strip()
     assert a["name"] == b["name"] == "run"  # the run directory's name by default
-    assert a["history"] + b["history"] == read_metrics(run_dir)
+    assert a["history"] + b["history"] == RunDir(run_dir).metrics()
     other = tmp_path / "other"
-    with MetricsWriter(other, enabled=True, config=cfg.replace(train={"run_dir": str(other)})) as w:
+    with RunDir(other).metrics_writer(enabled=True, config=cfg.replace(train={"run_dir": str(other)})) as w:
         w.write({"step": 1, "loss": 1.0})
     assert (other / WANDB_ID_FILE).read_text() != (run_dir / WANDB_ID_FILE).read_text()
 

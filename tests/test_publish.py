@@ -28,6 +28,7 @@ from flax_gpt.config_files import build_config
 from flax_gpt.errors import HFError
 from flax_gpt.export.card import model_card
 from flax_gpt.export.hub import push_to_hub
+from flax_gpt.train.run_dir import RunDir
 
 SECRET = "hf_standInSecretToken0123456789abcdef"
 
@@ -231,7 +232,7 @@ def _front_matter(card: str) -> dict:
 
 def test_model_card_synthetic_run(tmp_path):
     run, cfg = _run_dir(tmp_path)
-    card = model_card(run, cfg, 300, {"tokens_seen": 1_228_800})
+    card = model_card(RunDir(run), cfg, 300, {"tokens_seen": 1_228_800})
     fm = _front_matter(card)
     assert fm["library_name"] == "transformers" and fm["pipeline_tag"] == "text-generation"
     assert "license" in fm and "gpt2" in fm["tags"] and "synthetic-data" in fm["tags"]
@@ -256,7 +257,7 @@ def test_model_card_hub_dataset_and_manifest(tmp_path):
                 "splits": {"train": {"tokens": 28_000_000, "documents": 111_700, "rows": 0, "shards": []},
                            "val": {"tokens": 1_400_000, "documents": 5_892, "rows": 0, "shards": []}}}
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps(manifest))
-    card = model_card(run, cfg, 300, {})
+    card = model_card(RunDir(run), cfg, 300, {})
     fm = _front_matter(card)
     assert fm["datasets"] == ["CShorten/ML-ArXiv-Papers"]
     assert "synthetic-data" not in fm["tags"] and "synthetic" not in card.lower().split("## training data")[1][:80]
@@ -270,7 +271,7 @@ def test_model_card_hub_dataset_and_manifest(tmp_path):
 def test_model_card_without_eval(tmp_path):
     run, cfg = _run_dir(tmp_path)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
-    card = model_card(run, cfg, 1, {"tokens_seen": 10})
+    card = model_card(RunDir(run), cfg, 1, {"tokens_seen": 10})
     assert "Validation loss: not recorded" in card and "perplexity" not in card.lower()
 
 
@@ -279,7 +280,7 @@ def test_model_card_reads_a_real_manifest(tmp_path):
 
     run, cfg = _run_dir(tmp_path, synthetic_docs=40, seq_len=64)
     manifest = prepare_shards(cfg.data)
-    card = model_card(run, cfg, 300, {"tokens_seen": 5})
+    card = model_card(RunDir(run), cfg, 300, {"tokens_seen": 5})
     assert manifest["source"]["description"] in card and "**The corpus is synthetic**" in card
     assert f"Training split: {manifest['splits']['train']['tokens']:,} tokens" in card
     assert "Documents: 40" in card
@@ -298,8 +299,8 @@ def test_model_card_takes_the_corpus_from_the_manifest_and_never_reads_it(tmp_pa
         raise AssertionError("the model card hashed the corpus")
 
     monkeypatch.setattr(sources, "_hash_file", hashed)  # how every local corpus is fingerprinted
-    card = model_card(run, cfg, 300, {})
+    card = model_card(RunDir(run), cfg, 300, {})
     assert f"- Source: {manifest['source']['description']}" in card and "Documents: 30" in card
     (tmp_path / "shards" / "manifest.json").unlink()  # shards gone since training: the config names the corpus
-    card = model_card(run, cfg, 300, {})
+    card = model_card(RunDir(run), cfg, 300, {})
     assert f"- Source: {corpus}\n" in card and "synthetic" not in card.lower().split("## training data")[1][:200]

@@ -17,7 +17,7 @@ from jax._src.ad_checkpoint import saved_residuals  # what a backward pass keeps
 from flax_gpt.config_files import config_from_yaml, config_yaml, load_config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.gpt2 import GPT2, init_params
-from flax_gpt.train.run_dir import check_resume_compatible, read_run_config
+from flax_gpt.train.run_dir import RunDir, check_resume_compatible
 
 B, T = 2, 32
 
@@ -76,7 +76,7 @@ def test_a_run_saved_with_remat_false_resumes_with_any_policy(tmp_path):
     saved = config_yaml(old).replace("remat: none", "remat: false")  # as runs before policies wrote it
     assert "remat: false" in saved
     (run / "config.yaml").write_text(saved)
-    back = read_run_config(run)
+    back = RunDir(run).config()
     assert back == old and back.model.remat == "none"
     for policy in ("minimal", "full"):  # remat changes how a run goes, not what it computes
         check_resume_compatible(back, old.replace(model={"remat": policy}))

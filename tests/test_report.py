@@ -195,6 +195,7 @@ def test_one_mean_tokens_per_sec_in_summary_page_and_plot(report, trained):
     from flax_gpt.report.plots import throughput_figure
     from flax_gpt.report.report import fmt
     from flax_gpt.report.series import MEAN_TPS_DEFINITION, mean_tokens_per_sec, read_series
+    from flax_gpt.train.run_dir import RunDir
 
     train, _ = _records(trained)
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
@@ -206,14 +207,14 @@ def test_one_mean_tokens_per_sec_in_summary_page_and_plot(report, trained):
     expected = per_step * (len(timed) - 1) / math.fsum(r["step_time_s"] for r in timed[1:])
     summary = json.loads((report.parent / "summary.json").read_text())
     assert summary["mean_tokens_per_sec"] == pytest.approx(expected, rel=1e-9)
-    assert mean_tokens_per_sec(read_series(trained)[0]) == summary["mean_tokens_per_sec"]
+    assert mean_tokens_per_sec(read_series(RunDir(trained))[0]) == summary["mean_tokens_per_sec"]
     assert summary["mean_tokens_per_sec_definition"] == MEAN_TPS_DEFINITION
 
     page = report.read_text(encoding="utf-8")
     assert f"<th>mean tokens/s</th><td>{fmt(summary['mean_tokens_per_sec'])}</td>" in page
     assert html.escape(MEAN_TPS_DEFINITION) in page  # the page says which mean it is
 
-    lines = throughput_figure(read_series(trained)[0]).axes[0].get_lines()
+    lines = throughput_figure(read_series(RunDir(trained))[0]).axes[0].get_lines()
     (mean_line,) = [ln for ln in lines if ln.get_gid() == "mean"]
     assert mean_line.get_ydata()[0] == summary["mean_tokens_per_sec"]
     assert f"mean {summary['mean_tokens_per_sec']:,.0f} tokens/s" in mean_line.get_label()
@@ -240,6 +241,7 @@ def test_mean_tokens_per_sec_is_tokens_over_time_without_the_warmup_step():
 def test_perplexity_plot_marks_every_evaluation(trained, tmp_path):
     from flax_gpt.report.plots import perplexity_figure
     from flax_gpt.report.series import read_series
+    from flax_gpt.train.run_dir import RunDir
 
     # A resumed run evaluated 7 times, step 30 written twice (the later line wins), next to the shared run.
     run = tmp_path / "resumed"
@@ -255,7 +257,7 @@ def test_perplexity_plot_marks_every_evaluation(trained, tmp_path):
         for e in _records(source)[1]:
             written[e["step"]] = e
         expected = [written[s] for s in sorted(written)]
-        fig = perplexity_figure(read_series(source)[1], train[-1]["step"])
+        fig = perplexity_figure(read_series(RunDir(source))[1], train[-1]["step"])
         ax = fig.axes[0]
         (line,) = [ln for ln in ax.get_lines() if ln.get_gid() == "evaluations"]
         assert list(line.get_xdata()) == [e["step"] for e in expected]
@@ -269,8 +271,9 @@ def test_perplexity_plot_marks_every_evaluation(trained, tmp_path):
 def test_loss_is_drawn_once_with_tokens_seen_on_the_top_axis(trained):
     from flax_gpt.report.plots import loss_figure
     from flax_gpt.report.series import read_series
+    from flax_gpt.train.run_dir import RunDir
 
-    train, evals = read_series(trained)
+    train, evals = read_series(RunDir(trained))
     fig = loss_figure(train, evals)
     fig.canvas.draw()
     assert len(fig.axes) == 1  # one loss panel: a by-tokens panel repeats the same curve

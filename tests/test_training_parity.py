@@ -188,14 +188,14 @@ def train_flax(cfg):
 
     from flax_gpt.model.hf import to_hf_state_dict
     from flax_gpt.pipeline import train
-    from flax_gpt.train.state import load_params
+    from flax_gpt.train.run_dir import RunDir
 
     train(cfg, say=lambda *a, **k: None)
     with open(f"{cfg.train.run_dir}/metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]
     recs = [r for r in recs if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
-    _, params, _, _ = load_params(cfg.train.run_dir, STEPS)
+    _, params, _, _ = RunDir(cfg.train.run_dir).load_params(STEPS)
     lrs = np.array([r["lr"] for r in recs])
     return np.array([r["loss"] for r in recs]), lrs, to_hf_state_dict(jax.device_get(params), cfg.model)
 
@@ -227,9 +227,9 @@ def test_parity_check_has_teeth(setup):
         import jax
 
         from flax_gpt.model.hf import to_hf_state_dict
-        from flax_gpt.train.state import load_params
+        from flax_gpt.train.run_dir import RunDir
 
-        _, params, _, _ = load_params(cfg.train.run_dir, STEPS)
+        _, params, _, _ = RunDir(cfg.train.run_dir).load_params(STEPS)
         flax_sd = to_hf_state_dict(jax.device_get(params), cfg.model)
     except Exception:  # noqa: BLE001 - run alone: train it here
         _, _, flax_sd = train_flax(cfg)

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 from flax_gpt.data.sources import source_fingerprint
 from flax_gpt.hub import is_hub_id
 from flax_gpt.model.family import family_of, param_count
 from flax_gpt.train.metric_keys import PERPLEXITY, STEP, VAL_LOSS
-from flax_gpt.train.metrics import read_metrics
-from flax_gpt.train.run_dir import run_manifest
+from flax_gpt.train.run_dir import RunDir
 
 # The usage snippet cannot know where the folder will live; the user substitutes this.
 MODEL_ID_PLACEHOLDER = "path/to/this/folder"
@@ -37,10 +35,10 @@ def describe_data(data_cfg, manifest: dict | None) -> tuple[str, bool]:
     return (f"Hugging Face dataset {src}" if is_hub_id(src) else f"{src}"), False
 
 
-def final_validation(run_dir: str | Path) -> dict | None:
+def final_validation(run: RunDir) -> dict | None:
     """The last metrics.jsonl record with a `val_loss`, or None."""
     try:
-        records = read_metrics(run_dir)
+        records = run.metrics()
     except (OSError, ValueError):
         return None
     evals = [r for r in records if VAL_LOSS in r]
@@ -51,14 +49,14 @@ def _fmt_int(n: Any) -> str:
     return f"{int(n):,}" if isinstance(n, (int, float)) and not isinstance(n, bool) else "unknown"
 
 
-def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, license: str = "apache-2.0") -> str:
+def model_card(run: RunDir, cfg, step: int, meta: dict | None, *, license: str = "apache-2.0") -> str:
     """README.md for an export: YAML front matter the Hub reads, then what, how and how well.
 
     `license` defaults to the project's own (Apache-2.0); GPT-2's released weights are MIT, which
     permits that for fine-tunes, but pass another SPDX id when the data's terms require it."""
     meta = meta or {}
     m, d = cfg.model, cfg.data
-    manifest = run_manifest(run_dir, cfg)
+    manifest = run.manifest(cfg)
     data_desc, synthetic = describe_data(d, manifest)
     hub_dataset = d.source if (not synthetic and is_hub_id(d.source)) else None
     family = family_of(m)
@@ -67,7 +65,7 @@ def model_card(run_dir: str | Path, cfg, step: int, meta: dict | None, *, licens
                           base_model=m.init_from if is_hub_id(m.init_from) else None)
     lines = _intro(m, family, n_params, step, source=meta.get("source"))  # import-hf records the weights' origin
     lines += _data_section(d, manifest, data_desc, synthetic, hub_dataset)
-    lines += _results_section(run_dir, step, meta)
+    lines += _results_section(run, step, meta)
     lines += _hyperparameters_section(cfg, n_params)
     lines += _usage_section()
     return "\n".join(front + lines)
@@ -126,9 +124,9 @@ def _corpus_counts(manifest: dict) -> list[str]:
     return lines
 
 
-def _results_section(run_dir, step: int, meta: dict) -> list[str]:
+def _results_section(run: RunDir, step: int, meta: dict) -> list[str]:
     lines = ["## Results", "", f"- Checkpoint step: {step}", f"- Tokens seen: {_fmt_int(meta.get('tokens_seen'))}"]
-    final = final_validation(run_dir)
+    final = final_validation(run)
     if final is None:
         return lines + ["- Validation loss: not recorded", ""]
     loss = float(final[VAL_LOSS])

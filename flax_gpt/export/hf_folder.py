@@ -28,7 +28,7 @@ from flax_gpt.data.tokenizer import load_tokenizer
 from flax_gpt.errors import HFError, StorageError, UserError
 from flax_gpt.export.card import model_card
 from flax_gpt.model.family import model, to_hf
-from flax_gpt.train.state import load_params
+from flax_gpt.train.run_dir import RunDir
 
 
 def export_hf(params: dict, cfg: ModelConfig, out_dir, *, tokenizer: str = "gpt2",
@@ -134,14 +134,15 @@ def verify_export(hf_dir: str | Path, jax_logits_fn, cfg: ModelConfig, *, atol: 
 
 def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bool = False, loaded=None):
     """`flax-gpt export`: a run's checkpoint -> HF folder with model card, reloaded and compared.
-    `loaded`: (config, params, step, meta) of that checkpoint already in memory, as `load_params`
+    `loaded`: (config, params, step, meta) of that checkpoint already in memory, as `RunDir.load_params`
     returns them (the end of training passes its own), else it is read from the run directory.
 
     Returns (folder, max logit difference against transformers)."""
     storage.check_output(out, "export", overwrite=overwrite)  # fail before loading anything
     storage.check_writable(out, "export folder")
     require_torch()
-    cfg, params, chosen, meta = loaded or load_params(run_dir, step)
+    run = RunDir(run_dir)
+    cfg, params, chosen, meta = loaded or run.load_params(step)
     host = jax.device_get(params)
     if dtype == "bfloat16":  # compare against exactly the weights transformers will read
         host = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float32), host)
@@ -152,8 +153,8 @@ def export_run(run_dir, out, *, step=None, dtype: str = "float32", overwrite: bo
     def check(folder):
         diffs.append(verify_export(folder, lambda t: apply(host, t), cfg.model, atol=2e-3))
 
-    extra = {"README.md": model_card(run_dir, cfg, chosen, meta),
+    extra = {"README.md": model_card(run, cfg, chosen, meta),
              "training_config.json": json.dumps(cfg.to_dict(), indent=2)}
     path = export_hf(host, cfg.model, out, tokenizer=cfg.data.tokenizer, dtype=dtype, overwrite=overwrite,
-                     extra_files=extra, check=check, origin=str(storage.location(run_dir)))
+                     extra_files=extra, check=check, origin=str(run.path))
     return path, diffs[0]

@@ -1,8 +1,8 @@
 """`flax-gpt report`: plots, word clouds and an `index.html` for a run directory, in RUN_DIR/report/.
 
-Reads only contracts: `metrics.jsonl` (`series.read_series`; a resumed run may repeat a step and
-the later line wins), `config.yaml` (`run_dir.read_run_config`), the shards' `manifest.json` (its
-`stats` block) and training split, and the run's latest checkpoint (`generate.load_model`).
+Reads only contracts, through `RunDir`: `metrics.jsonl` (`series.read_series`; a resumed run may
+repeat a step and the later line wins), `config.yaml`, the shards' `manifest.json` (its `stats`
+block) and training split, and the run's latest checkpoint (`generate.load_model`).
 
 Figures are drawn on `matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so making
 a report neither needs a display nor switches the backend of the caller (a notebook, say). Word
@@ -39,7 +39,7 @@ from flax_gpt.report.plots import (
 )
 from flax_gpt.report.series import MEAN_TPS_DEFINITION, mean_mfu, mean_tokens_per_sec, read_series
 from flax_gpt.train.metric_keys import LOSS, PERPLEXITY, STEP, TOKENS_SEEN, VAL_LOSS
-from flax_gpt.train.run_dir import find_shards, read_run_config
+from flax_gpt.train.run_dir import RunDir
 
 DEFAULT_PROMPTS = ("the role of recommender systems", "clustering", "transformers for text generation")
 REPORT_DIR = "report"
@@ -65,9 +65,9 @@ def corpus_text(shards_dir: Path, manifest: dict, cap: int = CORPUS_TOKEN_CAP) -
 # ----------------------------------------------------------------------------- summary + html
 
 
-def summarize(train: list[dict], evals: list[dict], run_dir: Path) -> dict:
+def summarize(train: list[dict], evals: list[dict], run: RunDir) -> dict:
     last_eval = evals[-1] if evals else {}
-    ckpt = run_dir / "checkpoints"
+    ckpt = run.checkpoints
     return {
         "steps": int(train[-1][STEP]),
         "tokens_seen": train[-1].get(TOKENS_SEEN),
@@ -202,11 +202,11 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
     `say` gets one line per phase and the notes; `progress` shows a tqdm bar over the samples.
     """
     phase = Phases(say)
-    shown, run_dir = run_dir, storage.location(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {shown} does not exist; pass the train.run_dir of a trained run")
-    cfg = read_run_config(run_dir)
-    train, evals = read_series(run_dir)
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise ConfigError(f"run directory {run.shown} does not exist; pass the train.run_dir of a trained run")
+    cfg = run.config()
+    train, evals = read_series(run)
     # Said once the inputs are read: a run directory that cannot be reported on gets only its error line.
     phase(f"read {len(train)} training and {len(evals)} evaluation records of metrics.jsonl")
     notes: list[str] = []
@@ -216,10 +216,10 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
         phase(f"loading the latest checkpoint; sampling {samples} continuation(s) of {max_new_tokens} tokens "
               f"for each of {len(prompts)} prompt(s)")
         try:
-            texts = sample_texts(run_dir, prompts, samples, max_new_tokens, cfg.train.seed, progress=progress)
+            texts = sample_texts(run.path, prompts, samples, max_new_tokens, cfg.train.seed, progress=progress)
         except CheckpointError as e:
             notes.append(f"Samples left out: {e}")
-    target = run_dir / REPORT_DIR
+    target = run.path / REPORT_DIR
     storage.check_output(target, "report", reuse=True)
     out = storage.staging_folder(target) if storage.is_remote(target) else Path(str(target))
     storage.mark(out, "report")
@@ -237,7 +237,7 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
     ]
 
     clouds, manifest = [], None
-    shards = find_shards(run_dir, cfg)
+    shards = run.shards(cfg)
     if shards is None:
         notes.append(f"Corpus plots left out: no manifest.json at data.shards_dir={cfg.data.shards_dir} "
                      f"(relative to where training ran); run the report from that directory.")
@@ -259,11 +259,11 @@ def write_report(run_dir, *, samples: int = 10, max_new_tokens: int = 64,
         figures += [(n, f"The same word cloud on its own: {t}.") for n, (_, t, _) in zip(singles, clouds)]
 
     phase("writing summary.json and index.html")
-    summary = summarize(train, evals, run_dir)
+    summary = summarize(train, evals, run)
     (out / "summary.json").write_text(json.dumps({**summary, "samples": texts, "notes": notes}, indent=1) + "\n")
     for n in notes:
         say(f"note: {n}")
-    index = write_html(out, run_dir, cfg, summary, figures, manifest, texts, notes)
+    index = write_html(out, run.path, cfg, summary, figures, manifest, texts, notes)
     if storage.is_remote(target):  # built locally, then uploaded into the bucket run directory
         phase(f"uploading to {target}")
         storage.publish_folder(out, target)

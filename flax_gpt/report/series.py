@@ -4,32 +4,32 @@ the one definition of mean throughput that the summary, the HTML page and the th
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
 from flax_gpt.errors import ConfigError
 from flax_gpt.train.metric_keys import LOSS, MFU, STEP, STEP_TIME_S, TOKENS_PER_SEC, VAL_LOSS
-from flax_gpt.train.metrics import METRICS_FILE, read_metrics
+from flax_gpt.train.metrics import METRICS_FILE
+from flax_gpt.train.run_dir import RunDir
 
 MEAN_TPS_DEFINITION = ("tokens trained in the timed steps of metrics.jsonl ÷ their summed step time (total "
                        "tokens over total time, not a mean of per-step rates); the run's first timed step is "
                        "left out while it still warms up, as training's own summary leaves it out")
 
 
-def read_series(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def read_series(run: RunDir) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), one per step (the later line wins), sorted by step."""
-    if not (run_dir / METRICS_FILE).exists():
-        raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass the train.run_dir of a run that has trained "
-                          f"(`flax-gpt train CONFIG train.run_dir={run_dir}`)")
+    if not run.metrics_file.exists():
+        raise ConfigError(f"{run.path} has no {METRICS_FILE}; pass the train.run_dir of a run that has trained "
+                          f"(`flax-gpt train CONFIG train.run_dir={run.path}`)")
     try:
-        records = read_metrics(run_dir)
+        records = run.metrics()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     train = {int(r[STEP]): r for r in records if LOSS in r}
     evals = {int(r[STEP]): r for r in records if VAL_LOSS in r}
     if not train:
-        raise ConfigError(f"{run_dir / METRICS_FILE} has no training records; train at least one step first")
+        raise ConfigError(f"{run.metrics_file} has no training records; train at least one step first")
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 

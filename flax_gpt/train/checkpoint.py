@@ -31,6 +31,7 @@ from flax_gpt.process import progress
 from flax_gpt.train.metric_keys import VAL_LOSS
 from flax_gpt.train.run_lock import RunLock
 
+CHECKPOINTS_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -51,7 +52,7 @@ def damage(e: BaseException) -> str:
 class Checkpointer:
     def __init__(self, run_dir, *, keep: int = 3, keep_best: bool = True,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = storage.location(run_dir) / "checkpoints"
+        self.directory = storage.location(run_dir) / CHECKPOINTS_DIR
         self.read_only = read_only
         keep_policies = [policies.LatestN(n=max(1, keep))]
         if keep_best:

@@ -19,7 +19,6 @@ from flax_gpt.config import Config, profile_range
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.loop import Loop
 from flax_gpt.train.metric_keys import PERPLEXITY, STEP, VAL_LOSS
-from flax_gpt.train.run_dir import publish_trace
 
 
 class Hook:
@@ -70,13 +69,13 @@ class Profile(Hook):
         loop.flush()
         jax.profiler.stop_trace()
         self.tracing = False
-        publish_trace(self.trace_dir, loop.run_dir)
+        loop.run_dir.publish_trace(self.trace_dir)
 
     def close(self, loop: Loop) -> None:
         if self.tracing:
             jax.profiler.stop_trace()
         if self.trace_dir is not None:
-            publish_trace(self.trace_dir, loop.run_dir, keep=loop.committed)
+            loop.run_dir.publish_trace(self.trace_dir, keep=loop.committed)
 
 
 class Evaluate(Hook):

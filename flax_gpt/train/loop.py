@@ -14,13 +14,14 @@ from flax_gpt.errors import TrainError
 from flax_gpt.model.family import flops_per_token
 from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.metric_keys import GRAD_NORM, LOSS, LR, STEP, TOKENS_PER_SEC, TOKENS_SEEN, VAL_LOSS
-from flax_gpt.train.metrics import MetricsWriter, ProgressBar, Throughput
-from flax_gpt.train.run_dir import commit_config
+from flax_gpt.train.metrics import ProgressBar, Throughput
+from flax_gpt.train.run_dir import RunDir
 
 
 class Loop:
-    """What a training run holds between steps, and what hooks see: the state, the checkpointer,
-    the metrics writer and progress bar, the last evaluation and the last saved step.
+    """What a training run holds between steps, and what hooks see: the run directory (`RunDir`),
+    the state, the checkpointer, the metrics writer and progress bar, the last evaluation and the
+    last saved step.
 
     A step's metrics are fetched one step late (`push`, then `flush`) so dispatch stays async;
     `flush` checks the loss is finite, writes the config at the first trained step (from then on
@@ -30,9 +31,9 @@ class Loop:
     def __init__(self, cfg: Config, ckpt: Checkpointer, state, start: int, total_steps: int, *, on_record=None):
         is_main = jax.process_index() == 0
         self.cfg, self.ckpt, self.state, self.total_steps = cfg, ckpt, state, total_steps
-        self.run_dir = cfg.train.run_dir
-        self.writer = MetricsWriter(self.run_dir, enabled=is_main, purge_step=start or None,
-                                    on_record=on_record, config=cfg)
+        self.run_dir = RunDir(cfg.train.run_dir)
+        self.writer = self.run_dir.metrics_writer(enabled=is_main, purge_step=start or None, on_record=on_record,
+                                                  config=cfg)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.thr = Throughput(tokens_per_step=self.tokens_per_step, n_devices=jax.device_count(),
                               flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
@@ -65,7 +66,7 @@ class Loop:
                 f"{float(m[GRAD_NORM])}); the update was skipped and nothing was saved; the latest "
                 f"checkpoint is {steps[-1] if steps else 'none'}; lower optim.learning_rate")
         if not self.committed:  # the first trained step: from now on the run directory is this run's
-            commit_config(self.cfg)
+            self.run_dir.commit_config(self.cfg)
             self.committed = True
         rec = {STEP: s + 1, LOSS: float(m[LOSS]), LR: float(m[LR]), GRAD_NORM: float(m[GRAD_NORM]),
                TOKENS_SEEN: (s + 1) * self.tokens_per_step}

@@ -162,7 +162,7 @@ class MetricsWriter:
         step = int(line[STEP])
         line[STEP] = step
         # NaN/inf are written as Python's json writes them (NaN, Infinity): a diverged loss stays
-        # visible, and read_metrics reads it back.
+        # visible, and `RunDir.metrics` reads it back.
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
         if self.on_record is not None:
@@ -198,26 +198,6 @@ class MetricsWriter:
 
     def __exit__(self, *_exc: Any) -> None:
         self.close()
-
-
-def read_metrics(run_dir) -> list[dict[str, Any]]:
-    """All records of `RUN_DIR/metrics.jsonl` in file order ([] when there is no file).
-
-    A final line cut short by a crash mid-write is skipped; a damaged line elsewhere is an error.
-    """
-    path = storage.location(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    records = []
-    for i, ln in enumerate(lines):
-        try:
-            records.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON; remove or repair it") from None
-    return records
 
 
 class ProgressBar:

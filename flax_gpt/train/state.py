@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_gpt import storage
-from flax_gpt.config import Config, MeshConfig
+from flax_gpt.config import Config
 from flax_gpt.errors import ConfigError
 from flax_gpt.model.family import abstract_params, init_params, load_hf, model
 from flax_gpt.presets import GPT2_EOS_ID
 from flax_gpt.sharding import (
+    abstract_on,
     batch_sharding,
     batch_shards,
     check_divisible,
@@ -31,18 +31,14 @@ from flax_gpt.sharding import (
     tree_shardings_like_params,
 )
 from flax_gpt.train.checkpoint import Checkpointer
-from flax_gpt.train.host_memory import GiB, check_host_memory, local_bytes, n_params, on_cpu, training_need
+from flax_gpt.train.host_memory import check_host_memory, n_params, training_need
 from flax_gpt.train.optim import build_optimizer, make_schedule
-from flax_gpt.train.run_dir import CONFIG_FILE, check_same_architecture, read_run_config, resolve_step
+from flax_gpt.train.run_dir import RunDir, check_same_architecture
 from flax_gpt.train.step import TrainState, train_step
 
 # What to change when a training state does not fit in host memory.
 _SMALLER = ("use a smaller model (model.preset, model.n_layer, model.n_embd), shard it over the devices with "
             "mesh.fsdp (each CPU device holds its own copy of what is replicated), or a host with more memory")
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 def place(tree, shardings):
@@ -72,8 +68,8 @@ class StateBuilder:
         self.shardings = TrainState(step=rep, params=self.param_sh, opt_state=opt_sh, rng=rep)
         self.abstract = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-            params=_abstract(self.abstract_params, self.param_sh),
-            opt_state=_abstract(abstract_opt, opt_sh),
+            params=abstract_on(self.abstract_params, self.param_sh),
+            opt_state=abstract_on(abstract_opt, opt_sh),
             rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
         need, parts = training_need(self.abstract.params, self.abstract.opt_state)  # before allocating any of it
         check_host_memory(need, parts, f"training {cfg.model.n_layer} layers x {cfg.model.n_embd} wide "
@@ -132,8 +128,9 @@ class StateBuilder:
 
     def params_from(self, source: str, say=print):
         """Parameters of another run directory or an HF folder/Hub id, placed on this mesh."""
-        if (storage.location(source) / CONFIG_FILE).exists():  # another run directory
-            src_cfg, params, step, _ = load_params(source, mesh=self.mesh)
+        run = RunDir(source)
+        if run.has_config():  # another run directory
+            src_cfg, params, step, _ = run.load_params(mesh=self.mesh)
             check_same_architecture(self.cfg.model, src_cfg.model, source)
             say(f"initialised from {source} (step {step})")
             return params  # restored onto this mesh with the same rules: already placed
@@ -142,26 +139,6 @@ class StateBuilder:
         check_same_architecture(self.cfg.model, hf_cfg, source)
         say(f"initialised from Hugging Face weights: {source}")
         return place(params, self.param_sh)
-
-
-def load_params(run_dir, step: int | str | None = None, *, mesh=None) -> tuple[Config, dict, int, dict]:
-    """(config, params, step, meta) of a run's checkpoint, placed on `mesh` (default: all devices
-    of this process in a data-parallel mesh, parameters replicated or sharded by the rules)."""
-    cfg = read_run_config(run_dir)
-    ckpt = Checkpointer(run_dir, read_only=True)
-    try:
-        chosen = resolve_step(ckpt, step)
-        mesh = mesh or make_mesh(MeshConfig())
-        boxed = abstract_params(cfg.model, boxed=True)
-        target = _abstract(nn.unbox(boxed), param_shardings(mesh, boxed))
-        if on_cpu(target):
-            need = local_bytes(target)
-            check_host_memory(need, f"parameters {need / GiB:.1f}", f"loading checkpoint {chosen} of {run_dir} "
-                              f"({n_params(target) / 1e9:.2f}B parameters)", fix="use a host with more memory")
-        out = ckpt.restore(chosen, target)
-    finally:
-        ckpt.close()
-    return cfg, out["params"], chosen, out["meta"]
 
 
 def total_steps(cfg: Config, train_rows: int) -> int:

@@ -15,11 +15,11 @@ from jax.experimental import multihost_utils
 from flax_gpt.config import Config
 from flax_gpt.data.loader import TrainLoader
 from flax_gpt.process import wait_interruptibly
-from flax_gpt.train.checkpoint import Checkpointer
 from flax_gpt.train.evaluate import Evaluator
 from flax_gpt.train.hooks import build_hooks
 from flax_gpt.train.loop import Loop
 from flax_gpt.train.metric_keys import STEP
+from flax_gpt.train.run_dir import RunDir
 from flax_gpt.train.state import StateBuilder
 
 
@@ -32,15 +32,15 @@ class Trainer:
         # (step, params, meta) of the last step once `fit` has trained to the end: what its last
         # checkpoint holds, still in device memory, for the export and samples that follow.
         self.final: tuple[int, dict, dict] | None = None
-        self.run_dir = cfg.train.run_dir
+        self.run_dir = RunDir(cfg.train.run_dir)
         self.evaluator = Evaluator(cfg.model, builder.mesh, document_mask=cfg.data.document_mask,
                                    batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                                    packing=cfg.data.packing)
 
     def fit(self, train_rows, val_rows, *, final_eval: bool = True) -> dict:
         cfg, total_steps = self.cfg, self.builder.total_steps
-        ckpt = Checkpointer(self.run_dir, keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
-                            async_save=cfg.checkpoint.async_save)
+        ckpt = self.run_dir.checkpointer(keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
+                                         async_save=cfg.checkpoint.async_save)
         state = self.builder.restore_or_init(ckpt, say=self.say)
         start = int(jax.device_get(state.step))
         if start >= total_steps:
