@@ -104,6 +104,9 @@ def test_kernel_choice():
         pick("pallas", tp=2)
     assert loss_kernel.token_block(4096) == 1024 and loss_kernel.token_block(384) == 128
     assert loss_kernel.token_block(100) is None
+    # grad_head's float32 output tile stays within GPT-2's 1024 x 768 as models widen
+    assert [loss_kernel.head_vocab_block(d) for d in (64, 768, 1024, 1280, 1600, 8192)] == [1024, 1024, 512, 512, 256,
+                                                                                           128]
 
 
 COMPILE = """

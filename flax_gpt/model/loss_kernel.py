@@ -54,6 +54,17 @@ FORWARD_VOCAB_BLOCK, GRAD_H_VOCAB_BLOCK, HEAD_VOCAB_BLOCK = 512, 512, 1024
 _NEG = -1e30  # as loss.py: a masked logit whose exp() is exactly 0
 
 
+def head_vocab_block(d: int) -> int:
+    """grad_head's vocab rows per tile for width d. Its float32 (vocab, d) output window is
+    double-buffered: 6 MiB at GPT-2's 1024 x 768, and 8 MiB at gpt2-medium's d=1024 took the
+    kernel to 18.3 MiB of VMEM, over the 16 MiB XLA gives it (v4-8 and v5p-8 did not compile).
+    So the tile holds at most 1024 x 768 elements, halving the rows (never below 128) for wider models."""
+    vb = HEAD_VOCAB_BLOCK
+    while vb > LANES and vb * d > HEAD_VOCAB_BLOCK * 768:
+        vb //= 2
+    return vb
+
+
 def token_block(n: int) -> int | None:
     """The token tile for n tokens (a multiple of the 128 lanes that divides n), or None."""
     return next((b for b in TOKEN_BLOCKS if n % b == 0), None)
@@ -190,7 +201,7 @@ def grad_head(x, e, targets, lse, w, *, vocab_size: int, interpret: bool = False
     """dE (V,D) float32 for e's rows: the sum over tokens of w * (softmax - onehot) times h."""
     N, D = x.shape
     tb = math.gcd(N, HEAD_TOKEN_BLOCK) if N % LANES == 0 else N
-    vb = HEAD_VOCAB_BLOCK
+    vb = head_vocab_block(D)
     V, nb, nv = e.shape[0], N // tb, pl.cdiv(e.shape[0], vb)
     row = pl.BlockSpec((1, tb), lambda j, i: (0, i))
     return pl.pallas_call(
